@@ -1,0 +1,18 @@
+"""`lorafleet validate CONFIG`: report every problem in a job config at once (exit 2), or summarise it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lorafleet.cli import options
+
+
+def validate(config: Path = options.ConfigArg, overrides: list[str] = options.SetOption) -> None:
+    """Check a job config; problems name the field path and file:line."""
+    job = options.load(config, overrides)
+    typer.echo(
+        f"{config}: ok — job {job.name!r}, model {job.model.name_or_path}, {job.adapter.method} r={job.adapter.r}, "
+        f"{job.distributed.num_workers} worker(s), storage {job.storage.uri}"
+    )

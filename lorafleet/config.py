@@ -1,0 +1,237 @@
+"""The job config: the only input of a run, validated once and typed everywhere after.
+
+    lorafleet validate configs/tiny.yaml --set training.max_steps=20
+
+Every section forbids unknown keys, so a typo fails loudly instead of being ignored. Defaults live here
+and nowhere else. `load_job_config` reports every problem at once, each with its field path and the
+file:line it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from lorafleet.errors import ConfigError, Problem
+from lorafleet.paths import default_storage_uri
+from lorafleet.yamlsource import YamlSource, apply_override, parse_override
+
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name_or_path: str = Field(
+        description="`builtin:smollm2-135m-instruct`, `builtin:tiny-llama`, a local HF folder or a hub id."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype when loaded; `auto` follows `training.precision`."
+    )
+    quantization: Literal["none", "4bit", "8bit"] = Field(
+        "none", description="Load the base quantized with bitsandbytes (4bit = QLoRA). Needs a supported device."
+    )
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (nf4 for QLoRA).")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    bnb_4bit_compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Matmul dtype of 4-bit layers."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% slower.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model. Off unless you trust it.")
+
+    @field_validator("name_or_path")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class AdapterSection(Section):
+    method: Literal["lora", "dora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"] = Field(
+        "lora", description="PEFT method."
+    )
+    r: int = Field(8, gt=0, description="LoRA rank: higher = more capacity, more memory.")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."
+    )
+    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens (prefix/prompt/p-tuning methods).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_list(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module, or be `all-linear`")
+        return value
+
+
+class DataSection(Section):
+    train: str = Field(description="A local .json/.jsonl/.csv/.parquet file, `builtin:<name>`, or a hub dataset.")
+    eval: str | None = Field(None, description="Validation data; if absent, `val_split` of train is held out.")
+    val_split: float = Field(0.1, ge=0, lt=1, description="Share of train held out when `eval` is not set.")
+    format: Literal["alpaca", "chat", "completion", "text"] = Field(
+        "alpaca", description="Row shape: alpaca (instruction/input/output), chat (messages), completion, text."
+    )
+    max_seq_len: int = Field(512, ge=8, description="Tokens per example; longer examples are truncated.")
+    packing: bool = Field(False, description="Pack several examples per sequence (faster on short data).")
+    train_on_prompt: bool = Field(False, description="Also compute loss on prompt tokens.")
+    max_rows: int | None = Field(None, gt=0, description="Use only the first N rows (quick experiments).")
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _local_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir")
+        return resolve_data_reference(value, Path(base_dir) if base_dir else Path.cwd())
+
+
+class TrainingSection(Section):
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is not set.")
+    micro_batch_size: int = Field(2, gt=0, description="Examples per worker per forward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
+    eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
+    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
+    logging_steps: int = Field(1, gt=0, description="Report metrics every N steps.")
+    seed: int = Field(42, ge=0)
+    logging: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="Metric sinks besides metrics.jsonl."
+    )
+
+
+class DistributedSection(Section):
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one process each).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}."
+    )
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How workers share the model.")
+    max_failures: int = Field(0, ge=-1, description="Restarts from the last checkpoint after a failure (-1: forever).")
+
+    @model_validator(mode="after")
+    def _gpus_need_use_gpu(self) -> DistributedSection:
+        for name, amount in self.resources_per_worker.items():
+            if amount < 0:
+                raise ValueError(f"resources_per_worker.{name} must be >= 0, got {amount}")
+        if self.resources_per_worker.get("GPU", 0) > 0 and not self.use_gpu:
+            raise ValueError("resources_per_worker.GPU > 0 needs use_gpu: true (or drop the GPU entry)")
+        return self
+
+
+class StorageSection(Section):
+    uri: str = Field(
+        default_factory=default_storage_uri,
+        description="Shared storage root: a path (local/NFS/PVC), file:// or s3://. Runs go to <uri>/runs/<id>.",
+    )
+
+    @field_validator("uri")
+    @classmethod
+    def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
+        if "://" in value:
+            scheme = value.split("://", 1)[0]
+            if scheme not in ("file", "s3", "gs", "abfs"):
+                raise ValueError(f"unsupported scheme {scheme!r}: use a path, file://, s3://, gs:// or abfs://")
+            return value
+        base_dir = (info.context or {}).get("base_dir")
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (Path(base_dir) if base_dir else Path.cwd()) / path
+        return str(path.resolve())
+
+
+class JobConfig(Section):
+    name: Annotated[str, Field(pattern=JOB_NAME_PATTERN, description="Job name: runs are named after it.")]
+    model: ModelSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
+    storage: StorageSection = Field(default_factory=StorageSection)
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> JobConfig:
+        if self.training.precision == "fp16" and not self.distributed.use_gpu:
+            raise ValueError("training.precision: fp16 needs distributed.use_gpu: true (use bf16 or fp32 on CPU)")
+        if self.model.quantization != "none" and not self.distributed.use_gpu:
+            raise ValueError(
+                f"model.quantization: {self.model.quantization} needs distributed.use_gpu: true "
+                "(bitsandbytes quantized training needs a GPU)"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(self.to_yaml().encode()).hexdigest()
+
+
+def resolve_data_reference(value: str, base_dir: Path) -> str:
+    """A local data file becomes an absolute path (and must exist); builtin: and hub names pass through."""
+    if value.startswith("builtin:"):
+        return value
+    looks_local = value.endswith(DATA_FILE_SUFFIXES) or value.startswith((".", "/", "~"))
+    if not looks_local:
+        return value  # a hub dataset name such as "tatsu-lab/alpaca"
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        path = base_dir / path
+    if not path.exists():
+        raise ValueError(f"data file not found: {path}")
+    return str(path.resolve())
+
+
+def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read, override (`key.path=value`) and validate a job YAML; raise ConfigError with every problem."""
+    source = YamlSource.read(Path(path))
+    data = source.data
+    problems: list[Problem] = []
+    for override in overrides or []:
+        try:
+            key, value = parse_override(override)
+            data = apply_override(data, key, value)
+        except ValueError as exc:
+            problems.append(Problem(f"--set {override}", str(exc)))
+    if problems:
+        raise ConfigError(str(path), problems)
+    return validate_job_config(data, source)
+
+
+def validate_job_config(data: Any, source: YamlSource) -> JobConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(source.name, [Problem(source.name, "the top level must be a mapping of sections")])
+    try:
+        return JobConfig.model_validate(data, context={"base_dir": str(source.base_dir)})
+    except ValidationError as exc:
+        raise ConfigError(source.name, [_problem_from(error, source) for error in exc.errors()]) from None
+
+
+def _problem_from(error: dict[str, Any], source: YamlSource) -> Problem:
+    keys = [str(part) for part in error["loc"]]
+    field_path = ".".join(keys) or "(top level)"
+    message = re.sub(r"^Value error, ", "", error["msg"])
+    if error["type"] == "extra_forbidden":
+        message = "unknown key (check the spelling; see the config reference in the README)"
+    elif error["type"] == "missing":
+        message = "required key is missing"
+    elif "input" in error and error["type"] not in ("value_error",) and not isinstance(error["input"], dict):
+        message = f"{message} (got {error['input']!r})"
+    return Problem(f"{source.location_of(keys)} {field_path}", message)

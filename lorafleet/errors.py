@@ -1,0 +1,49 @@
+"""Errors that the CLI turns into clear messages and exit codes (no stack traces for user mistakes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class LorafleetError(Exception):
+    """A problem the user can fix; the CLI prints the message and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem in an input file: where it is and what is wrong."""
+
+    location: str  # "field.path" or "file:line" or "file:line field"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {self.message}"
+
+
+class ConfigError(LorafleetError):
+    """A job or serving config is invalid; carries every problem found, not just the first."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[Problem]):
+        self.source = source
+        self.problems = problems
+        lines = [f"{source}: {len(problems)} problem(s)"] + [f"  - {p}" for p in problems]
+        super().__init__("\n".join(lines))
+
+
+class DataError(LorafleetError):
+    """Rows of a dataset are invalid; carries every bad row (file:line and field)."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[Problem], total_bad: int | None = None):
+        self.source = source
+        self.problems = problems
+        count = total_bad if total_bad is not None else len(problems)
+        lines = [f"{source}: {count} bad row(s)"] + [f"  - {p}" for p in problems]
+        if count > len(problems):
+            lines.append(f"  ... and {count - len(problems)} more")
+        super().__init__("\n".join(lines))

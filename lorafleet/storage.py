@@ -1,0 +1,124 @@
+"""Shared storage addressed by URI, and the atomic writes everything on it goes through.
+
+A storage URI is a local/NFS/PVC path, `file://...`, or an object store (`s3://...`) reached through
+pyarrow's filesystems. Local writes go to a temporary name in the same folder, are fsynced, then renamed:
+readers see the old file or the new one, never half of one. Object stores make single-object PUTs
+atomic by themselves; folders there are committed by writing their marker file last.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+COMPLETE_MARKER = ".complete"
+
+
+@dataclass(frozen=True)
+class StorageRoot:
+    """The root of shared storage: runs live in `runs/<run-id>/`, the registry in `adapters/` and `models/`."""
+
+    uri: str
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.uri or self.uri.startswith("file://")
+
+    @property
+    def local_path(self) -> Path:
+        if not self.is_local:
+            raise ValueError(f"{self.uri} is not a local path")
+        return Path(self.uri.removeprefix("file://"))
+
+    def join(self, *parts: str) -> str:
+        base = self.uri.rstrip("/")
+        return "/".join([base, *parts])
+
+    def run_dir(self, run_id: str) -> str:
+        return self.join("runs", run_id)
+
+
+def local_path_of(uri: str) -> Path | None:
+    """The filesystem path behind a local URI, or None for an object store."""
+    root = StorageRoot(uri)
+    return root.local_path if root.is_local else None
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers never see a partial file, even after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename durable: fsync the folder that holds the new name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(Path(folder) / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(Path(folder))
+
+
+def install_dir_atomic(source: Path, target: Path, *, replace: bool = False) -> None:
+    """Copy folder `source` to `target` under a temporary name, fsync it, then rename it into place.
+
+    With `replace`, an existing `target` is swapped out (moved aside, then removed) after the new copy is
+    complete, so `target` always names a whole folder.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        fsync_tree(staging)
+        if target.exists():
+            if not replace:
+                raise FileExistsError(f"{target} already exists")
+            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.rename(target, retired)
+            os.rename(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+        fsync_dir(target.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def upload_dir(source: Path, target_uri: str) -> None:
+    """Copy a local folder to shared storage: atomic rename locally, marker-last on object stores."""
+    local = local_path_of(target_uri)
+    if local is not None:
+        install_dir_atomic(source, local, replace=True)
+        return
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(target_uri)
+    pafs.copy_files(str(source), path, destination_filesystem=filesystem)
+    with filesystem.open_output_stream(f"{path}/{COMPLETE_MARKER}") as stream:
+        stream.write(b"")

@@ -1,0 +1,107 @@
+"""Every PEFT method a job can name, mapped to its PEFT config in one table.
+
+Target modules are checked against the model's real module names, so a typo lists what exists instead
+of failing deep inside PEFT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lorafleet.config import AdapterSection
+from lorafleet.errors import LorafleetError
+
+
+def linear_module_names(model: torch.nn.Module) -> list[str]:
+    """Short names of the model's linear layers (q_proj, v_proj, ...), without the output head."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    try:
+        import bitsandbytes as bnb
+
+        names |= {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.named_modules()
+            if isinstance(module, bnb.nn.Linear4bit | bnb.nn.Linear8bitLt)
+        }
+    except ImportError:
+        pass
+    names.discard("lm_head")
+    return sorted(names)
+
+
+def resolve_target_modules(adapter: AdapterSection, model: torch.nn.Module) -> list[str]:
+    available = linear_module_names(model)
+    if adapter.target_modules == "all-linear":
+        return available
+    missing = [name for name in adapter.target_modules if name not in available]
+    if missing:
+        raise LorafleetError(
+            f"adapter.target_modules: {', '.join(missing)} not found in the model; "
+            f"its linear modules are: {', '.join(available)}"
+        )
+    return list(adapter.target_modules)
+
+
+def _lora(adapter: AdapterSection, model: torch.nn.Module, use_dora: bool = False):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules=resolve_target_modules(adapter, model),
+        use_dora=use_dora,
+    )
+
+
+def _dora(adapter: AdapterSection, model: torch.nn.Module):
+    return _lora(adapter, model, use_dora=True)
+
+
+def _prefix_tuning(adapter: AdapterSection, model: torch.nn.Module):
+    from peft import PrefixTuningConfig, TaskType
+
+    return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens)
+
+
+def _p_tuning(adapter: AdapterSection, model: torch.nn.Module):
+    from peft import PromptEncoderConfig, TaskType
+
+    return PromptEncoderConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=adapter.num_virtual_tokens,
+        encoder_hidden_size=model.config.hidden_size,
+    )
+
+
+def _prompt_tuning(adapter: AdapterSection, model: torch.nn.Module):
+    from peft import PromptTuningConfig, TaskType
+
+    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens)
+
+
+def _ia3(adapter: AdapterSection, model: torch.nn.Module):
+    from peft import IA3Config, TaskType
+
+    targets = resolve_target_modules(adapter, model)
+    feedforward = [name for name in targets if name in ("down_proj", "fc2", "c_proj", "w2")]
+    return IA3Config(task_type=TaskType.CAUSAL_LM, target_modules=targets, feedforward_modules=feedforward)
+
+
+PEFT_CONFIG_BUILDERS: dict[str, Callable] = {
+    "lora": _lora,
+    "dora": _dora,
+    "prefix_tuning": _prefix_tuning,
+    "p_tuning": _p_tuning,
+    "prompt_tuning": _prompt_tuning,
+    "ia3": _ia3,
+}
+
+
+def apply_adapter(model: torch.nn.Module, adapter: AdapterSection):
+    from peft import get_peft_model
+
+    return get_peft_model(model, PEFT_CONFIG_BUILDERS[adapter.method](adapter, model))

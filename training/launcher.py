@@ -1,0 +1,160 @@
+"""Start a fine-tune on Ray Train and turn its final checkpoint into the run's adapter.
+
+    lorafleet train configs/tiny.yaml                 # embedded Ray on this machine
+    lorafleet train configs/tiny.yaml --address auto  # an already running cluster
+
+The run folder on shared storage, `<storage>/runs/<run-id>/`:
+    config.yaml        the resolved job config (the run's only input)
+    checkpoints/       Ray Train's checkpoints (adapter + optimizer + scheduler + RNG + trainer state)
+    metrics.jsonl      one record per log event
+    tensorboard/       event files
+    adapter/           the final adapter in PEFT format, plus the tokenizer
+    run.json           summary: status, steps, losses, timings
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from lorafleet.config import JobConfig
+from lorafleet.errors import LorafleetError
+from lorafleet.storage import StorageRoot, local_path_of, upload_dir, write_text_atomic
+
+RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+CHECKPOINT_ONLY_FILES = re.compile(r"^(optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)$")
+
+
+class TrainingFailed(LorafleetError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    run_dir: str
+    status: str
+    global_step: int
+    train_loss: float | None
+    adapter_dir: str
+    seconds: float
+    config_hash: str
+
+
+def new_run_id(job_name: str) -> str:
+    return f"{job_name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
+
+
+def validate_run_id(run_id: str) -> str:
+    if not RUN_ID_PATTERN.match(run_id):
+        raise LorafleetError(f"run id {run_id!r} is invalid: use lowercase letters, digits, '.', '_' and '-'")
+    return run_id
+
+
+def run_training(job: JobConfig, *, run_id: str | None = None, address: str | None = None) -> RunSummary:
+    run_id = validate_run_id(run_id or new_run_id(job.name))
+    run_dir = StorageRoot(job.storage.uri).run_dir(run_id)
+    _write_run_file(run_dir, "config.yaml", job.to_yaml())
+    print(f"run {run_id}\nfolder {run_dir}", flush=True)
+
+    started = time.monotonic()
+    connect_ray(job, address)
+    result = build_trainer(job, run_id, run_dir).fit()
+    if result.error is not None or result.checkpoint is None:
+        _write_run_file(run_dir, "run.json", json.dumps({"run_id": run_id, "status": "failed", "error": str(result.error)}))
+        raise TrainingFailed(f"run {run_id} failed: {result.error}")
+
+    adapter_dir = f"{run_dir}/adapter"
+    export_adapter(result.checkpoint, adapter_dir, base_model=job.model.name_or_path)
+    outcome = result.return_value or {}
+    summary = RunSummary(
+        run_id=run_id,
+        run_dir=run_dir,
+        status="succeeded",
+        global_step=int(outcome.get("global_step") or result.metrics.get("step", 0)),
+        train_loss=outcome.get("train_loss"),
+        adapter_dir=adapter_dir,
+        seconds=round(time.monotonic() - started, 1),
+        config_hash=job.config_hash(),
+    )
+    _write_run_file(run_dir, "run.json", json.dumps(asdict(summary) | {"data": outcome.get("data")}, indent=2))
+    return summary
+
+
+def connect_ray(job: JobConfig, address: str | None) -> None:
+    """Join `address`, or start an embedded Ray sized so that the job's workers fit on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="warning",
+    )
+
+
+def build_trainer(job: JobConfig, run_id: str, run_dir: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from training.worker import train_loop_per_worker
+
+    distributed = job.distributed
+    resources = dict(distributed.resources_per_worker)
+    if distributed.use_gpu:
+        resources.setdefault("GPU", 1)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": job.to_yaml(), "run_id": run_id, "run_dir": run_dir},
+        torch_config=TorchConfig(backend="nccl" if distributed.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=distributed.num_workers, use_gpu=distributed.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=run_dir,
+            failure_config=FailureConfig(max_failures=distributed.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def export_adapter(checkpoint, adapter_uri: str, *, base_model: str) -> None:
+    """Copy the adapter and tokenizer (not optimizer state) out of a checkpoint into the run's adapter/."""
+    with checkpoint.as_directory() as source, tempfile.TemporaryDirectory() as staging:
+        source_dir = Path(source)
+        if not (source_dir / "adapter_config.json").is_file():
+            raise TrainingFailed(f"checkpoint {checkpoint.path} holds no adapter_config.json")
+        for item in source_dir.iterdir():
+            if item.is_file() and not CHECKPOINT_ONLY_FILES.match(item.name):
+                (Path(staging) / item.name).write_bytes(item.read_bytes())
+        adapter_config_path = Path(staging) / "adapter_config.json"
+        adapter_config = json.loads(adapter_config_path.read_text())
+        adapter_config["base_model_name_or_path"] = base_model
+        adapter_config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        upload_dir(Path(staging), adapter_uri)
+
+
+def _write_run_file(run_dir: str, name: str, text: str) -> None:
+    local = local_path_of(run_dir)
+    if local is not None:
+        write_text_atomic(local / name, text)
+        return
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(f"{run_dir}/{name}")
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())

@@ -1,0 +1,101 @@
+"""What a training worker tells the world: metrics.jsonl, a console progress line, Ray Train checkpoints.
+
+Ray Train needs every worker to call `ray.train.report` the same number of times, so all ranks report at
+each save; only rank 0 hands over its checkpoint folder (HF Trainer writes it on rank 0 alone).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from lorafleet.storage import local_path_of
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class MetricsLog:
+    """Append-only JSONL of metrics in the run folder (a rewrite of the small file on object stores)."""
+
+    def __init__(self, run_dir_uri: str):
+        self.uri = f"{run_dir_uri.rstrip('/')}/metrics.jsonl"
+        self.local = local_path_of(self.uri)
+        self._lines: list[str] = []
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, sort_keys=True)
+        if self.local is not None:
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.local, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+            return
+        import pyarrow.fs as pafs
+
+        self._lines.append(line)
+        filesystem, path = pafs.FileSystem.from_uri(self.uri)
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(("\n".join(self._lines) + "\n").encode())
+
+
+class ProgressReporter(TrainerCallback):
+    """Rank 0: one metrics record and one console line per log event (step, loss, lr, tokens/s, ETA)."""
+
+    def __init__(self, metrics: MetricsLog, run_id: str):
+        self.metrics = metrics
+        self.run_id = run_id
+        self._last_time = time.monotonic()
+        self._last_tokens = 0
+        self._start_time = self._last_time
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._last_time = self._start_time = time.monotonic()
+        self._last_tokens = state.num_input_tokens_seen
+        if state.is_world_process_zero:
+            self.metrics.append(
+                {"event": "train_begin", "step": state.global_step, "max_steps": state.max_steps, "time": time.time()}
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        now = time.monotonic()
+        tokens = state.num_input_tokens_seen
+        tokens_per_second = (tokens - self._last_tokens) / max(now - self._last_time, 1e-9)
+        self._last_time, self._last_tokens = now, tokens
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+        if "loss" in logs:
+            record["tokens_per_second"] = tokens_per_second
+        self.metrics.append(record)
+        print(self._console_line(state, logs, tokens_per_second), flush=True)
+
+    def _console_line(self, state, logs: dict, tokens_per_second: float) -> str:
+        parts = [f"[{self.run_id}] step {state.global_step}/{state.max_steps}"]
+        if "loss" in logs:
+            parts += [f"loss {logs['loss']:.4f}", f"lr {logs.get('learning_rate', 0):.2e}", f"{tokens_per_second:,.0f} tok/s"]
+        if "eval_loss" in logs:
+            parts.append(f"eval_loss {logs['eval_loss']:.4f}")
+        elapsed = time.monotonic() - self._start_time
+        done = max(state.global_step, 1)
+        remaining = elapsed / done * max(state.max_steps - state.global_step, 0)
+        parts.append(f"eta {timedelta(seconds=int(remaining))}")
+        return " | ".join(parts)
+
+
+class RayCheckpointReporter(TrainerCallback):
+    """At every HF save, all ranks report to Ray Train; rank 0 attaches the checkpoint folder it wrote."""
+
+    def on_save(self, args, state, control, **kwargs):
+        import ray.train
+
+        metrics: dict = {"step": state.global_step}
+        for entry in state.log_history:
+            metrics.update({key: value for key, value in entry.items() if isinstance(value, int | float)})
+        checkpoint = None
+        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        ray.train.report(metrics, checkpoint=checkpoint)

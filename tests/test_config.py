@@ -94,3 +94,12 @@ def test_set_overrides_apply_and_are_validated(tmp_path: Path) -> None:
     assert "--set nokey: expected key.path=value" in result.stderr
     result = run_cli("validate", str(path), "--set", "adapter.r=-3")
     assert result.returncode == 2 and "adapter.r" in result.stderr
+
+
+def test_config_reference_doc_is_current() -> None:
+    from lorafleet.config_reference import render
+    from tests.conftest import REPO
+
+    assert (REPO / "docs" / "config.md").read_text() == render(), (
+        "docs/config.md is stale: python -m lorafleet.config_reference > docs/config.md"
+    )

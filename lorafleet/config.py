@@ -97,6 +97,13 @@ class DataSection(Section):
         return resolve_data_reference(value, Path(base_dir) if base_dir else Path.cwd())
 
 
+class EarlyStoppingSection(Section):
+    patience: int = Field(3, gt=0, description="Evaluations without improvement before stopping.")
+    metric: str = Field("eval_loss", description="Metric watched (reported at each evaluation).")
+    mode: Literal["min", "max"] = Field("min", description="Whether lower or higher is better.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as an improvement.")
+
+
 class TrainingSection(Section):
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is not set.")
@@ -115,6 +122,24 @@ class TrainingSection(Section):
     logging: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Metric sinks besides metrics.jsonl."
     )
+    early_stopping: EarlyStoppingSection | None = Field(
+        None, description="Stop when the watched eval metric stops improving (needs eval_steps)."
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept on storage (best by `best_metric`).")
+    best_metric: str | None = Field(
+        None, description="Keep the best checkpoints by this metric (e.g. eval_loss) instead of the newest."
+    )
+    best_metric_mode: Literal["min", "max"] = Field("min")
+
+    @model_validator(mode="after")
+    def _eval_features_need_eval_steps(self) -> TrainingSection:
+        if self.early_stopping is not None and self.eval_steps is None:
+            raise ValueError("early_stopping needs eval_steps (evaluations to compare)")
+        if self.best_metric is not None and self.best_metric.startswith("eval_") and self.eval_steps is None:
+            raise ValueError(f"best_metric: {self.best_metric} needs eval_steps")
+        if self.eval_steps and self.save_steps and self.best_metric and self.save_steps % self.eval_steps:
+            raise ValueError("save_steps must be a multiple of eval_steps when best_metric is set")
+        return self
 
 
 class DistributedSection(Section):

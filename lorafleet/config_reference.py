@@ -42,23 +42,30 @@ def _default(field) -> str:
 
 def render() -> str:
     lines = [HEADER]
-    top_level = [name for name, field in JobConfig.model_fields.items() if not _is_section(field.annotation)]
-    lines += ["## top level", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for name in top_level:
-        field = JobConfig.model_fields[name]
-        lines.append(f"| `{name}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
-    for name, field in JobConfig.model_fields.items():
-        if not _is_section(field.annotation):
-            continue
-        section: type[BaseModel] = field.annotation  # type: ignore[assignment]
-        lines += ["", f"## `{name}`", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-        for key, sub in section.model_fields.items():
-            lines.append(f"| `{name}.{key}` | {_type_name(sub.annotation)} | {_default(sub)} | {sub.description or ''} |")
+    _render_section(lines, "top level", "", JobConfig)
     return "\n".join(lines) + "\n"
 
 
-def _is_section(annotation: object) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel) and not typing.get_args(annotation)
+def _render_section(lines: list[str], title: str, prefix: str, section: type[BaseModel]) -> None:
+    lines += ["", f"## {title}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    nested: list[tuple[str, type[BaseModel]]] = []
+    for key, field in section.model_fields.items():
+        subsection = _section_of(field.annotation)
+        if subsection is not None:
+            nested.append((f"{prefix}{key}", subsection))
+        default = f"see `{prefix}{key}`" if subsection is not None and field.default is not None else _default(field)
+        row = f"| `{prefix}{key}` | {_type_name(field.annotation)} | {default} | {field.description or ''} |"
+        lines.append(row)
+    for name, subsection in nested:
+        _render_section(lines, f"`{name}`", f"{name}.", subsection)
+
+
+def _section_of(annotation: object) -> type[BaseModel] | None:
+    """The section model behind a field (`Section` or `Section | None`), else None."""
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 if __name__ == "__main__":

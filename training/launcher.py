@@ -28,7 +28,9 @@ from lorafleet.errors import LorafleetError
 from lorafleet.storage import StorageRoot, local_path_of, upload_dir, write_text_atomic
 
 RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-CHECKPOINT_ONLY_FILES = re.compile(r"^(optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)$")
+CHECKPOINT_ONLY_FILES = re.compile(
+    r"^(optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)$"
+)
 
 
 class TrainingFailed(LorafleetError):
@@ -58,20 +60,32 @@ def validate_run_id(run_id: str) -> str:
 
 
 def run_training(job: JobConfig, *, run_id: str | None = None, address: str | None = None) -> RunSummary:
+    """Train (or continue) run `run_id`: an existing run folder resumes from its last complete checkpoint."""
     run_id = validate_run_id(run_id or new_run_id(job.name))
     run_dir = StorageRoot(job.storage.uri).run_dir(run_id)
+    previous = _read_run_file(run_dir, "config.yaml")
+    if previous is not None and previous != job.to_yaml():
+        raise LorafleetError(
+            f"run {run_id} exists with a different config; resume it with the config saved in "
+            f"{run_dir}/config.yaml, or start a new run id"
+        )
     _write_run_file(run_dir, "config.yaml", job.to_yaml())
-    print(f"run {run_id}\nfolder {run_dir}", flush=True)
+    print(f"run {run_id}{' (resuming)' if previous else ''}\nfolder {run_dir}", flush=True)
 
     started = time.monotonic()
     connect_ray(job, address)
     result = build_trainer(job, run_id, run_dir).fit()
     if result.error is not None or result.checkpoint is None:
-        _write_run_file(run_dir, "run.json", json.dumps({"run_id": run_id, "status": "failed", "error": str(result.error)}))
+        failure = {"run_id": run_id, "status": "failed", "error": str(result.error)}
+        _write_run_file(run_dir, "run.json", json.dumps(failure, indent=2))
         raise TrainingFailed(f"run {run_id} failed: {result.error}")
 
+    final_checkpoint = result.checkpoint
+    if job.training.best_metric:
+        final_checkpoint = result.get_best_checkpoint(job.training.best_metric, job.training.best_metric_mode)
     adapter_dir = f"{run_dir}/adapter"
-    export_adapter(result.checkpoint, adapter_dir, base_model=job.model.name_or_path)
+    export_adapter(final_checkpoint, adapter_dir, base_model=job.model.name_or_path)
+    _plot_losses(run_dir)
     outcome = result.return_value or {}
     summary = RunSummary(
         run_id=run_id,
@@ -127,7 +141,11 @@ def build_trainer(job: JobConfig, run_id: str, run_dir: str):
             name="checkpoints",
             storage_path=run_dir,
             failure_config=FailureConfig(max_failures=distributed.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=job.training.keep_checkpoints,
+                checkpoint_score_attribute=job.training.best_metric,
+                checkpoint_score_order=job.training.best_metric_mode,
+            ),
         ),
     )
 
@@ -146,6 +164,39 @@ def export_adapter(checkpoint, adapter_uri: str, *, base_model: str) -> None:
         adapter_config["base_model_name_or_path"] = base_model
         adapter_config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         upload_dir(Path(staging), adapter_uri)
+
+
+def _plot_losses(run_dir: str) -> None:
+    local = local_path_of(run_dir)
+    if local is not None and (local / "metrics.jsonl").is_file():
+        from training.plots import plot_loss_curves
+
+        plot_loss_curves(local / "metrics.jsonl", local / "report" / "loss.png")
+
+
+def load_run_config(storage_uri: str, run_id: str) -> JobConfig:
+    """The config a run was started with (for `lorafleet train --resume RUN_ID`)."""
+    import yaml
+
+    run_dir = StorageRoot(storage_uri).run_dir(validate_run_id(run_id))
+    text = _read_run_file(run_dir, "config.yaml")
+    if text is None:
+        raise LorafleetError(f"no run {run_id} under {storage_uri}/runs (no config.yaml)")
+    return JobConfig.model_validate(yaml.safe_load(text))
+
+
+def _read_run_file(run_dir: str, name: str) -> str | None:
+    local = local_path_of(run_dir)
+    if local is not None:
+        path = local / name
+        return path.read_text() if path.is_file() else None
+    import pyarrow.fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(f"{run_dir}/{name}")
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().decode()
 
 
 def _write_run_file(run_dir: str, name: str, text: str) -> None:

@@ -75,7 +75,11 @@ class ProgressReporter(TrainerCallback):
     def _console_line(self, state, logs: dict, tokens_per_second: float) -> str:
         parts = [f"[{self.run_id}] step {state.global_step}/{state.max_steps}"]
         if "loss" in logs:
-            parts += [f"loss {logs['loss']:.4f}", f"lr {logs.get('learning_rate', 0):.2e}", f"{tokens_per_second:,.0f} tok/s"]
+            parts += [
+                f"loss {logs['loss']:.4f}",
+                f"lr {logs.get('learning_rate', 0):.2e}",
+                f"{tokens_per_second:,.0f} tok/s",
+            ]
         if "eval_loss" in logs:
             parts.append(f"eval_loss {logs['eval_loss']:.4f}")
         elapsed = time.monotonic() - self._start_time

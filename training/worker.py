@@ -27,6 +27,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
     from training.adapters import apply_adapter
     from training.data import Collator, build_datasets
+    from training.early_stopping import EarlyStopping
     from training.model import load_base_model, load_tokenizer
     from training.reporting import MetricsLog, ProgressReporter, RayCheckpointReporter
 
@@ -48,6 +49,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     output_dir = tempfile.mkdtemp(prefix=f"lorafleet-{run_id}-rank{context.get_world_rank()}-")
     callbacks = [RayCheckpointReporter(), ProgressReporter(MetricsLog(run_dir), run_id)]
     callbacks += tensorboard_callbacks(job, run_dir, context.get_world_rank())
+    if job.training.early_stopping is not None:
+        callbacks.append(EarlyStopping(job.training.early_stopping))
     trainer = Trainer(
         model=model,
         args=training_arguments(job, output_dir, has_eval=data.eval is not None),

@@ -14,11 +14,17 @@ def train(
     overrides: list[str] = options.SetOption,
     address: str = typer.Option(None, "--address", help="Ray cluster to join (e.g. auto); default: embedded Ray."),
     run_id: str = typer.Option(None, "--run-id", help="Name the run (default: <job name>-<UTC time>)."),
+    resume: str = typer.Option(
+        None, "--resume", help="Continue run RUN_ID from its last complete checkpoint (with its saved config)."
+    ),
 ) -> None:
     """Fine-tune with Ray Train; prints the run id, progress, and where the adapter is."""
-    job = options.load(config, overrides)
-    from training.launcher import run_training
+    from training.launcher import load_run_config, run_training
 
+    job = options.load(config, overrides)
+    if resume:
+        job = load_run_config(job.storage.uri, resume)
+        run_id = resume
     summary = run_training(job, run_id=run_id, address=address)
     loss = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
     typer.echo(

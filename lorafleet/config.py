@@ -22,6 +22,7 @@ from lorafleet.paths import default_storage_uri
 from lorafleet.yamlsource import YamlSource, apply_override, parse_override
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+PROMPT_LEARNING_METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
@@ -193,6 +194,11 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> JobConfig:
+        if self.data.packing and self.adapter.method in PROMPT_LEARNING_METHODS:
+            raise ValueError(
+                f"data.packing and adapter.method: {self.adapter.method} cannot be used together "
+                "(virtual tokens break per-example attention in packed sequences)"
+            )
         if self.training.precision == "fp16" and not self.distributed.use_gpu:
             raise ValueError("training.precision: fp16 needs distributed.use_gpu: true (use bf16 or fp32 on CPU)")
         if self.model.quantization != "none" and not self.distributed.use_gpu:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from lorafleet.errors import LorafleetError
 from lorafleet.paths import models_dir
+from lorafleet.storage import make_readable
 
 BUILTIN_PREFIX = "builtin:"
 CHATML_TEMPLATE = (
@@ -69,7 +70,7 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(staging)
-        _make_readable(staging)  # mkdtemp is private (0700); a shared cache must be readable by every user
+        make_readable(staging)
         try:
             os.rename(staging, target)
         except OSError:
@@ -78,13 +79,6 @@ def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-
-
-def _make_readable(root: Path) -> None:
-    for folder, _, files in os.walk(root):
-        os.chmod(folder, 0o755)
-        for name in files:
-            os.chmod(Path(folder) / name, 0o644)
 
 
 def _build_tiny_llama(out: Path) -> None:

@@ -9,12 +9,19 @@ atomic by themselves; folders there are committed by writing their marker file l
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 COMPLETE_MARKER = ".complete"
+RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
+
+
+def is_valid_run_id(run_id: str) -> bool:
+    """Run ids name folders on shared storage: lowercase letters, digits, '.', '_', '-' (no traversal)."""
+    return bool(RUN_ID_PATTERN.match(run_id))
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp is private; shared storage is read by other users (serving pods)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -84,6 +92,14 @@ def fsync_tree(root: Path) -> None:
         fsync_dir(Path(folder))
 
 
+def make_readable(root: Path) -> None:
+    """Folders 0755, files 0644: temp names are created private, but shared storage is read by other users."""
+    for folder, _, files in os.walk(root):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(Path(folder) / name, 0o644)
+
+
 def install_dir_atomic(source: Path, target: Path, *, replace: bool = False) -> None:
     """Copy folder `source` to `target` under a temporary name, fsync it, then rename it into place.
 
@@ -94,6 +110,7 @@ def install_dir_atomic(source: Path, target: Path, *, replace: bool = False) -> 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
+        make_readable(staging)
         fsync_tree(staging)
         if target.exists():
             if not replace:

@@ -25,9 +25,8 @@ from pathlib import Path
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
-from lorafleet.storage import StorageRoot, local_path_of, upload_dir, write_text_atomic
+from lorafleet.storage import StorageRoot, is_valid_run_id, local_path_of, upload_dir, write_text_atomic
 
-RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
 CHECKPOINT_ONLY_FILES = re.compile(
     r"^(optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)$"
 )
@@ -54,7 +53,7 @@ def new_run_id(job_name: str) -> str:
 
 
 def validate_run_id(run_id: str) -> str:
-    if not RUN_ID_PATTERN.match(run_id):
+    if not is_valid_run_id(run_id):
         raise LorafleetError(f"run id {run_id!r} is invalid: use lowercase letters, digits, '.', '_' and '-'")
     return run_id
 
@@ -105,6 +104,8 @@ def connect_ray(job: JobConfig, address: str | None) -> None:
     """Join `address`, or start an embedded Ray sized so that the job's workers fit on this machine."""
     import ray
 
+    # Worker prints reach the driver once, through Ray's log forwarding (not also through the logger patch).
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     if ray.is_initialized():
         return
     if address:
@@ -113,7 +114,8 @@ def connect_ray(job: JobConfig, address: str | None) -> None:
     cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
-        include_dashboard=False,
+        include_dashboard=True,  # Ray Train's controller watches itself through the state API it serves
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         configure_logging=True,
         logging_level="warning",

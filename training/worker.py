@@ -23,7 +23,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
     from ray.train.huggingface.transformers import prepare_trainer
-    from transformers import Trainer, set_seed
+    from transformers import PrinterCallback, Trainer, set_seed
 
     from training.adapters import apply_adapter
     from training.data import Collator, build_datasets
@@ -60,6 +60,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # ProgressReporter prints one line per log event instead
     trainer = prepare_trainer(trainer)
 
     checkpoint = ray.train.get_checkpoint()

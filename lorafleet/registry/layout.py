@@ -1,0 +1,171 @@
+"""Where the registry keeps things on shared storage, and the one parser of names and references.
+
+    <storage>/adapters/<name>/v1/ ...            PEFT adapter + manifest.json (immutable)
+    <storage>/adapters/<name>/aliases.json       latest / prod / ... with their history
+    <storage>/adapters/<name>/policy.yaml        promotion gate (optional)
+    <storage>/adapters/<name>/.retired/v3        tombstone: v3 was unpublished, its number is never reused
+    <storage>/adapters/<name>/.staging-*         a publish in progress (or killed): readers ignore it
+    <storage>/models/<name>/v1/ ...              merged full models, same rules
+
+Readers only ever look at folders named `v<N>`; everything hidden (starting with '.') is invisible.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from lorafleet.errors import LorafleetError
+from lorafleet.paths import default_storage_uri
+from lorafleet.storage import StorageRoot
+
+Kind = Literal["adapters", "models"]
+KINDS: tuple[Kind, ...] = ("adapters", "models")
+LATEST = "latest"
+NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+VERSION_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
+ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+RETIRED_DIR = ".retired"
+STAGING_PREFIX = ".staging-"
+
+
+class RegistryError(LorafleetError):
+    """A registry operation was refused or failed (not found, corrupt, contract, gate)."""
+
+    exit_code = 1
+
+
+class InvalidReference(RegistryError):
+    """A name, version, alias or `NAME@VERSION` reference is malformed (a user mistake: exit 2)."""
+
+    exit_code = 2
+
+
+class NotFound(RegistryError):
+    pass
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise InvalidReference(
+            f"invalid registry name {name!r}: use 1-63 characters of lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no '/', no uppercase)"
+        )
+    return name
+
+
+def validate_version(version: str) -> str:
+    if not VERSION_PATTERN.match(version):
+        raise InvalidReference(f"invalid version {version!r}: versions are v1, v2, ...")
+    return version
+
+
+def validate_alias(alias: str) -> str:
+    if not ALIAS_PATTERN.match(alias) or re.match(r"^v[0-9]+$", alias):
+        raise InvalidReference(
+            f"invalid alias {alias!r}: use 1-32 lowercase letters, digits, '_' or '-', starting with a letter, "
+            "and not shaped like a version (v3)"
+        )
+    return alias
+
+
+def version_number(version: str) -> int:
+    match = VERSION_PATTERN.match(version)
+    if not match:
+        raise InvalidReference(f"invalid version {version!r}: versions are v1, v2, ...")
+    return int(match.group(1))
+
+
+class Reference(NamedTuple):
+    """`NAME`, `NAME@v3` or `NAME@alias`; unpacks as `(name, version_or_alias)`."""
+
+    name: str
+    selector: str
+
+    @property
+    def is_version(self) -> bool:
+        return bool(VERSION_PATTERN.match(self.selector))
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.selector}"
+
+
+def parse_reference(text: str | Reference, *, default: str = LATEST) -> Reference:
+    """Parse and validate `NAME[@VERSION|@ALIAS]`; a bare name means `default` (latest)."""
+    if isinstance(text, Reference):
+        return text
+    if not isinstance(text, str):
+        raise InvalidReference(f"invalid reference {text!r}: expected NAME, NAME@v3 or NAME@alias")
+    name, sep, selector = text.partition("@")
+    validate_name(name)
+    if not sep:
+        return Reference(name, default)
+    if VERSION_PATTERN.match(selector):
+        return Reference(name, selector)
+    if ALIAS_PATTERN.match(selector) and not re.match(r"^v[0-9]+$", selector):
+        return Reference(name, selector)
+    raise InvalidReference(f"invalid reference {text!r}: after '@' put a version (v3) or an alias (prod, latest)")
+
+
+@dataclass(frozen=True)
+class Registry:
+    """The registry part of one storage root; only local/NFS/PVC paths are supported for now."""
+
+    root: StorageRoot
+
+    @classmethod
+    def open(cls, storage_uri: str | Path | None = None) -> Registry:
+        uri = str(storage_uri) if storage_uri else default_storage_uri()
+        root = StorageRoot(uri)
+        if not root.is_local:
+            raise RegistryError(f"{uri}: the registry supports local, NFS and PVC paths (file://) for now")
+        return cls(StorageRoot(str(root.local_path.expanduser().resolve())))
+
+    @property
+    def base(self) -> Path:
+        return self.root.local_path
+
+    def kind_dir(self, kind: Kind) -> Path:
+        if kind not in KINDS:
+            raise InvalidReference(f"unknown registry kind {kind!r}: {' or '.join(KINDS)}")
+        return self.base / kind
+
+    def name_dir(self, name: str, kind: Kind = "adapters") -> Path:
+        return self.kind_dir(kind) / validate_name(name)
+
+    def version_dir(self, name: str, version: str, kind: Kind = "adapters") -> Path:
+        return self.name_dir(name, kind) / validate_version(version)
+
+    def runs_dir(self) -> Path:
+        return self.base / "runs"
+
+    def names(self, kind: Kind = "adapters") -> list[str]:
+        folder = self.kind_dir(kind)
+        if not folder.is_dir():
+            return []
+        return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and NAME_PATTERN.match(entry.name))
+
+    def versions(self, name: str, kind: Kind = "adapters") -> list[str]:
+        """Visible versions, oldest first. Staging, retired and other hidden folders never count."""
+        folder = self.name_dir(name, kind)
+        if not folder.is_dir():
+            return []
+        found = [entry.name for entry in folder.iterdir() if VERSION_PATTERN.match(entry.name) and entry.is_dir()]
+        return sorted(found, key=version_number)
+
+    def retired_versions(self, name: str, kind: Kind = "adapters") -> list[str]:
+        folder = self.name_dir(name, kind) / RETIRED_DIR
+        if not folder.is_dir():
+            return []
+        return sorted((e.name for e in folder.iterdir() if VERSION_PATTERN.match(e.name)), key=version_number)
+
+    def latest(self, name: str, kind: Kind = "adapters") -> str | None:
+        versions = self.versions(name, kind)
+        return versions[-1] if versions else None
+
+    def next_number(self, name: str, kind: Kind = "adapters") -> int:
+        """One more than any version ever claimed (unpublished ones included: numbers are never reused)."""
+        used = [version_number(v) for v in self.versions(name, kind) + self.retired_versions(name, kind)]
+        return max(used, default=0) + 1

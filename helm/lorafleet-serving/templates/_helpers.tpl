@@ -1,0 +1,194 @@
+{{/* Chart name, truncated to 63 characters (a DNS label). */}}
+{{- define "lorafleet-serving.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: RELEASE-CHART (RELEASE alone when it already contains the chart name), 63 characters at most. */}}
+{{- define "lorafleet-serving.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart-version, for the helm.sh/chart label. */}}
+{{- define "lorafleet-serving.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "lorafleet-serving.labels" -}}
+helm.sh/chart: {{ include "lorafleet-serving.chart" . }}
+{{ include "lorafleet-serving.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lorafleet
+{{- end }}
+
+{{/* The server pods (Service, HPA, PDB, NetworkPolicy, ServiceMonitor select these; the test pod does not match). */}}
+{{- define "lorafleet-serving.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lorafleet-serving.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: server
+{{- end }}
+
+{{/* The shared-storage claim: the existing one, or the one this chart creates. */}}
+{{- define "lorafleet-serving.storageClaimName" -}}
+{{- .Values.storage.existingClaim | default (printf "%s-storage" (include "lorafleet-serving.fullname" .)) }}
+{{- end }}
+
+{{/* The Secret holding the API key: the existing one, or the one this chart creates. */}}
+{{- define "lorafleet-serving.apiKeySecretName" -}}
+{{- .Values.apiKey.existingSecret | default (printf "%s-api-key" (include "lorafleet-serving.fullname" .)) }}
+{{- end }}
+
+{{/* What the server serves as its base: a merged model folder from the registry, or a hub id. */}}
+{{- define "lorafleet-serving.baseModel" -}}
+{{- with .Values.base.registry }}
+{{- if .name }}
+{{- printf "%s/models/%s/%s" $.Values.storage.mountPath .name .version }}
+{{- else }}
+{{- $.Values.base.model }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* JSON list of NAME=PATH, one per startup adapter (its registry folder), sorted by name as serving/vllm.py does. */}}
+{{- define "lorafleet-serving.adapterModules" -}}
+{{- $versions := dict }}
+{{- range .Values.adapters }}
+{{- $_ := set $versions .name .version }}
+{{- end }}
+{{- $modules := list }}
+{{- range $name := keys $versions | sortAlpha }}
+{{- $modules = append $modules (printf "%s=%s/adapters/%s/%s" $name $.Values.storage.mountPath $name (get $versions $name)) }}
+{{- end }}
+{{- toJson $modules }}
+{{- end }}
+
+{{/*
+The server's argv as a JSON list: command first, then args. For vllm it must equal
+`lorafleet serve --engine vllm --print-command ...` for the same settings (tests/test_helm.py checks it):
+  vllm serve BASE --host 0.0.0.0 --port P --enable-lora [--lora-modules NAME=PATH ...] --max-loras N
+      --max-lora-rank R --max-cpu-loras C [vllm.extraArgs ...]
+  lorafleet serve --engine cpu --base BASE [--adapter NAME=PATH ...] --max-loras N --max-lora-rank R
+      --max-cpu-loras C --host 0.0.0.0 --port P
+*/}}
+{{- define "lorafleet-serving.serverArgv" -}}
+{{- $modules := include "lorafleet-serving.adapterModules" . | fromJsonArray }}
+{{- $base := include "lorafleet-serving.baseModel" . }}
+{{- $port := toString .Values.containerPort }}
+{{- $lora := list "--max-loras" (toString .Values.lora.maxLoras) "--max-lora-rank" (toString .Values.lora.maxLoraRank) "--max-cpu-loras" (toString .Values.lora.maxCpuLoras) }}
+{{- if eq .Values.backend "vllm" }}
+{{- $argv := list "vllm" "serve" $base "--host" "0.0.0.0" "--port" $port "--enable-lora" }}
+{{- if $modules }}
+{{- $argv = concat $argv (list "--lora-modules") $modules }}
+{{- end }}
+{{- toJson (concat $argv $lora .Values.vllm.extraArgs) }}
+{{- else }}
+{{- $argv := list "lorafleet" "serve" "--engine" "cpu" "--base" $base }}
+{{- range $modules }}
+{{- $argv = concat $argv (list "--adapter" .) }}
+{{- end }}
+{{- toJson (concat $argv $lora (list "--host" "0.0.0.0" "--port" $port)) }}
+{{- end }}
+{{- end }}
+
+{{/* The registry references the sync sidecar keeps loaded: sync.adapters, else the startup adapters' names. */}}
+{{- define "lorafleet-serving.syncAdapters" -}}
+{{- $refs := .Values.sync.adapters }}
+{{- if not $refs }}
+{{- range .Values.adapters }}
+{{- $refs = append $refs .name }}
+{{- end }}
+{{- end }}
+{{- join "," $refs }}
+{{- end }}
+
+{{/* The sync sidecar's argv as a JSON list. */}}
+{{- define "lorafleet-serving.syncArgv" -}}
+{{- $argv := list "lorafleet" "sync" "--storage" .Values.storage.mountPath "--target" (printf "http://127.0.0.1:%v" .Values.containerPort) }}
+{{- with include "lorafleet-serving.syncAdapters" . }}
+{{- $argv = concat $argv (list "--adapters" .) }}
+{{- end }}
+{{- toJson (concat $argv (list "--interval" .Values.sync.interval)) }}
+{{- end }}
+
+{{/* Server resources: `resources` plus the GPU limit from vllm.gpus (vllm backend only). */}}
+{{- define "lorafleet-serving.serverResources" -}}
+{{- $resources := deepCopy (.Values.resources | default dict) }}
+{{- if eq .Values.backend "vllm" }}
+{{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" .Values.vllm.gpus) ($resources.limits | default dict)) }}
+{{- end }}
+{{- toYaml $resources }}
+{{- end }}
+
+{{/*
+Cross-field rules the schema cannot express. Every problem is collected, then `fail` reports them all at once.
+*/}}
+{{- define "lorafleet-serving.validateValues" -}}
+{{- $v := .Values }}
+{{- $errors := list }}
+{{- if lt (int $v.lora.maxCpuLoras) (int $v.lora.maxLoras) }}
+{{- $errors = append $errors (printf "lora.maxCpuLoras (%v) must be >= lora.maxLoras (%v): vLLM keeps every GPU adapter in its CPU cache too" $v.lora.maxCpuLoras $v.lora.maxLoras) }}
+{{- end }}
+{{- if and $v.apiKey.enabled (not $v.apiKey.existingSecret) (not $v.apiKey.value) }}
+{{- $errors = append $errors "apiKey.enabled is true but neither apiKey.existingSecret nor apiKey.value is set: name an existing Secret (preferred) or give the key" }}
+{{- end }}
+{{- if and $v.apiKey.existingSecret $v.apiKey.value }}
+{{- $errors = append $errors "apiKey.existingSecret and apiKey.value are both set: keep one (the chart creates a Secret only from apiKey.value)" }}
+{{- end }}
+{{- $gpuKeys := list }}
+{{- range $section := list "requests" "limits" }}
+{{- range $key, $_ := (get ($v.resources | default dict) $section | default dict) }}
+{{- if contains "gpu" $key }}
+{{- $gpuKeys = append $gpuKeys (printf "resources.%s.%s" $section $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (eq $v.backend "cpu") $gpuKeys }}
+{{- $errors = append $errors (printf "backend is cpu but %s requests a GPU: remove it (the cpu engine never uses one)" (join ", " $gpuKeys)) }}
+{{- else if $gpuKeys }}
+{{- $errors = append $errors (printf "%s: set vllm.gpus instead (the chart adds the nvidia.com/gpu limit)" (join ", " $gpuKeys)) }}
+{{- end }}
+{{- if and (eq $v.backend "vllm") (lt (int $v.vllm.gpus) 1) }}
+{{- $errors = append $errors "backend is vllm but vllm.gpus is 0: vLLM needs a GPU; use backend: cpu to serve without one" }}
+{{- end }}
+{{- if and (eq $v.backend "cpu") $v.vllm.extraArgs }}
+{{- $errors = append $errors "vllm.extraArgs is set but backend is cpu: the flags would be ignored; remove them or use backend: vllm" }}
+{{- end }}
+{{- if ne (empty $v.base.registry.name) (empty $v.base.registry.version) }}
+{{- $errors = append $errors "base.registry.name and base.registry.version go together: set both (e.g. llama3-8b-merged, v2) or neither" }}
+{{- end }}
+{{- if and (not $v.base.model) (not $v.base.registry.name) }}
+{{- $errors = append $errors "no base model: set base.model (a hub id) or base.registry.name and base.registry.version" }}
+{{- end }}
+{{- $seen := dict }}
+{{- range $v.adapters }}
+{{- if hasKey $seen .name }}
+{{- $errors = append $errors (printf "adapters: %q is listed twice (one version per name; load others with the sync sidecar)" .name) }}
+{{- end }}
+{{- $_ := set $seen .name true }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- $errors = append $errors (printf "autoscaling.minReplicas (%v) is greater than autoscaling.maxReplicas (%v)" $v.autoscaling.minReplicas $v.autoscaling.maxReplicas) }}
+{{- end }}
+{{- with $v.podDisruptionBudget }}
+{{- $min := ternary "" (toString .minAvailable) (kindIs "invalid" .minAvailable) }}
+{{- $max := ternary "" (toString .maxUnavailable) (kindIs "invalid" .maxUnavailable) }}
+{{- if and .enabled (eq (empty $min) (empty $max)) }}
+{{- $errors = append $errors "podDisruptionBudget: set exactly one of minAvailable and maxUnavailable (the other to \"\")" }}
+{{- end }}
+{{- end }}
+{{- if $errors }}
+{{- fail (printf "\n\nlorafleet-serving: %d invalid value(s):\n  - %s\n" (len $errors) (join "\n  - " $errors)) }}
+{{- /* Reached only under `helm lint`, whose fail() merely logs: emit a line that is not YAML so lint fails too. */}}
+@invalid-values {{ join "; " $errors }}
+{{- end }}
+{{- end }}

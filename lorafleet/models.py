@@ -56,7 +56,7 @@ def resolve_model(reference: str, *, provision: bool = True) -> str:
     if name not in _BUILDERS:
         raise ModelNotFound(f"unknown builtin model {reference!r}; known: {', '.join(builtin_names())}")
     target = models_dir() / name
-    if (target / "config.json").is_file():
+    if is_complete_model_dir(target):
         return str(target)
     if not provision:
         raise ModelNotFound(f"{reference} is not provisioned yet: run `lorafleet models pull {reference}`")
@@ -65,20 +65,32 @@ def resolve_model(reference: str, *, provision: bool = True) -> str:
 
 
 def build_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Run `build(tmp_dir)`, then rename tmp_dir to `target`. Concurrent builders: the first rename wins."""
+    """Run `build(tmp_dir)` once per machine (a file lock), check it is complete, then rename it to `target`."""
+    from filelock import FileLock
+
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(staging)
-        make_readable(staging)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if is_complete_model_dir(target):
+            return
+        if target.exists():  # left by an interrupted or broken build: never trusted
+            shutil.rmtree(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
+            build(staging)
+            if not is_complete_model_dir(staging):
+                raise LorafleetError(
+                    f"building {target.name} produced an incomplete folder (no config.json or weights); "
+                    "run `lorafleet models pull` outside a distributed job"
+                )
+            make_readable(staging)
             os.rename(staging, target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def is_complete_model_dir(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
 def _build_tiny_llama(out: Path) -> None:

@@ -63,7 +63,7 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
     run_id = validate_run_id(run_id or new_run_id(job.name))
     run_dir = StorageRoot(job.storage.uri).run_dir(run_id)
     previous = _read_run_file(run_dir, "config.yaml")
-    if previous is not None and previous != job.to_yaml():
+    if previous is not None and _parse_config(previous) != job:
         raise LorafleetError(
             f"run {run_id} exists with a different config; resume it with the config saved in "
             f"{run_dir}/config.yaml, or start a new run id"
@@ -72,6 +72,8 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
     print(f"run {run_id}{' (resuming)' if previous else ''}\nfolder {run_dir}", flush=True)
 
     started = time.monotonic()
+    if address is None:
+        provision_builtins(job)
     connect_ray(job, address)
     result = build_trainer(job, run_id, run_dir).fit()
     if result.error is not None or result.checkpoint is None:
@@ -98,6 +100,21 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
     )
     _write_run_file(run_dir, "run.json", json.dumps(asdict(summary) | {"data": outcome.get("data")}, indent=2))
     return summary
+
+
+def provision_builtins(job: JobConfig) -> None:
+    """Make builtin models and datasets once on this machine, before workers (which share its cache) start.
+
+    Inside a distributed job only rank 0 would write model weights, so the build must not happen there.
+    """
+    from lorafleet.demo_data import resolve_builtin_dataset
+    from lorafleet.models import is_builtin, resolve_model
+
+    if is_builtin(job.model.name_or_path):
+        resolve_model(job.model.name_or_path)
+    for reference in (job.data.train, job.data.eval):
+        if reference and reference.startswith("builtin:"):
+            resolve_builtin_dataset(reference)
 
 
 def connect_ray(job: JobConfig, address: str | None) -> None:
@@ -174,6 +191,17 @@ def _plot_losses(run_dir: str) -> None:
         from training.plots import plot_loss_curves
 
         plot_loss_curves(local / "metrics.jsonl", local / "report" / "loss.png")
+
+
+def _parse_config(text: str) -> JobConfig | None:
+    """A saved config read with today's schema (new keys take their defaults); None if it no longer validates."""
+    import yaml
+    from pydantic import ValidationError
+
+    try:
+        return JobConfig.model_validate(yaml.safe_load(text))
+    except ValidationError:
+        return None
 
 
 def load_run_config(storage_uri: str, run_id: str) -> JobConfig:

@@ -10,6 +10,7 @@ file:line it came from.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from lorafleet.yamlsource import YamlSource, apply_override, parse_override
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 PROMPT_LEARNING_METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
+LORA_METHODS = ("lora", "dora")
 JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
@@ -39,7 +41,9 @@ class ModelSection(Section):
         "auto", description="Weights' dtype when loaded; `auto` follows `training.precision`."
     )
     quantization: Literal["none", "4bit", "8bit"] = Field(
-        "none", description="Load the base quantized with bitsandbytes (4bit = QLoRA). Needs a supported device."
+        "none",
+        description="Load the base quantized with bitsandbytes (4bit = QLoRA): ~4x / ~2x less weight memory. "
+        "Runs on CUDA, and on CPU with bitsandbytes >= 0.48 (slow: for tests); checked before training.",
     )
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type (nf4 for QLoRA).")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too.")
@@ -68,6 +72,13 @@ class AdapterSection(Section):
         "all-linear", description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."
     )
     num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens (prefix/prompt/p-tuning methods).")
+    use_rslora: bool = Field(False, description="lora/dora: scale by alpha/sqrt(r) (steadier at high rank).")
+    encoder_hidden_size: int | None = Field(
+        None, gt=0, description="p_tuning: hidden size of the prompt encoder MLP (default: the model's)."
+    )
+    prompt_init_text: str | None = Field(
+        None, description="prompt_tuning: initialise the virtual tokens from this text's embeddings (else random)."
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -75,6 +86,24 @@ class AdapterSection(Section):
         if isinstance(value, list) and not value:
             raise ValueError("must name at least one module, or be `all-linear`")
         return value
+
+    @model_validator(mode="after")
+    def _knobs_fit_the_method(self) -> AdapterSection:
+        """A knob that only another method reads is a mistake in the YAML, not something to ignore."""
+        method = self.method
+        if self.use_rslora and method not in LORA_METHODS:
+            raise ValueError(f"use_rslora applies to lora and dora, not method: {method}")
+        if self.encoder_hidden_size is not None and method != "p_tuning":
+            raise ValueError(f"encoder_hidden_size applies to method: p_tuning, not {method}")
+        if self.prompt_init_text is not None and method != "prompt_tuning":
+            raise ValueError(f"prompt_init_text applies to method: prompt_tuning, not {method}")
+        if self.prompt_init_text is not None and not self.prompt_init_text.strip():
+            raise ValueError("prompt_init_text must not be blank (leave it out for random initialisation)")
+        if method in PROMPT_LEARNING_METHODS and isinstance(self.target_modules, list):
+            raise ValueError(
+                f"target_modules does not apply to method: {method} (it learns virtual tokens, not module weights)"
+            )
+        return self
 
 
 class DataSection(Section):
@@ -111,11 +140,17 @@ class TrainingSection(Section):
     micro_batch_size: int = Field(2, gt=0, description="Examples per worker per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field("linear")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"] = Field(
+        "linear", description="Learning-rate schedule after warmup."
+    )
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up.")
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision (fp16 needs a GPU).")
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (instead of warmup_ratio).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32",
+        description="Mixed precision over fp32 master weights: bf16 (CPU, Ampere+ GPUs) or fp16 (CUDA GPUs only).",
+    )
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
     logging_steps: int = Field(1, gt=0, description="Report metrics every N steps.")
@@ -134,6 +169,8 @@ class TrainingSection(Section):
 
     @model_validator(mode="after")
     def _eval_features_need_eval_steps(self) -> TrainingSection:
+        if self.warmup_steps is not None and self.warmup_ratio > 0:
+            raise ValueError("warmup_steps and warmup_ratio cannot be used together (set one)")
         if self.early_stopping is not None and self.eval_steps is None:
             raise ValueError("early_stopping needs eval_steps (evaluations to compare)")
         if self.best_metric is not None and self.best_metric.startswith("eval_") and self.eval_steps is None:
@@ -143,13 +180,64 @@ class TrainingSection(Section):
         return self
 
 
+class DeepSpeedSection(Section):
+    stage: Literal[2, 3] = Field(
+        2, description="ZeRO stage: 2 shards optimizer state + gradients; 3 also shards the weights (largest models)."
+    )
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory: less GPU memory, slower.")
+    offload_params: bool = Field(False, description="ZeRO-3: keep weights in CPU memory between uses (slowest).")
+    config_file: str | None = Field(
+        None, description="A DeepSpeed JSON of your own, used as is (instead of stage/offload_*); `auto` values ok."
+    )
+
+    @field_validator("config_file")
+    @classmethod
+    def _json_file_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir")
+        path = Path(value).expanduser()
+        if not path.is_absolute():
+            path = (Path(base_dir) if base_dir else Path.cwd()) / path
+        if not path.is_file():
+            raise ValueError(f"DeepSpeed config file not found: {path}")
+        try:
+            content = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(content, dict):
+            raise ValueError(f"{path} must hold a JSON object (a DeepSpeed config)")
+        return str(path.resolve())
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DeepSpeedSection:
+        if self.offload_params and self.stage != 3:
+            raise ValueError("offload_params needs stage: 3 (ZeRO-2 does not shard the weights)")
+        if self.config_file and (self.stage != 2 or self.offload_optimizer or self.offload_params):
+            raise ValueError("config_file and stage/offload_optimizer/offload_params cannot be used together")
+        return self
+
+
+class FsdpSection(Section):
+    sharding: Literal["full_shard", "shard_grad_op"] = Field(
+        "full_shard",
+        description="full_shard: weights, gradients and optimizer state (least memory); shard_grad_op: not weights.",
+    )
+    offload_params: bool = Field(False, description="Keep sharded weights in CPU memory between uses (slower).")
+
+
 class DistributedSection(Section):
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one process each).")
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}."
     )
-    strategy: Literal["ddp", "deepspeed", "fsdp"] = Field("ddp", description="How workers share the model.")
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = Field(
+        "ddp",
+        description="ddp: a full replica per worker; deepspeed: ZeRO sharding (CPU and GPU); fsdp: GPU only.",
+    )
+    deepspeed: DeepSpeedSection | None = Field(None, description="ZeRO settings (strategy: deepspeed).")
+    fsdp: FsdpSection | None = Field(None, description="FSDP settings (strategy: fsdp).")
     max_failures: int = Field(0, ge=-1, description="Restarts from the last checkpoint after a failure (-1: forever).")
 
     @model_validator(mode="after")
@@ -159,6 +247,15 @@ class DistributedSection(Section):
                 raise ValueError(f"resources_per_worker.{name} must be >= 0, got {amount}")
         if self.resources_per_worker.get("GPU", 0) > 0 and not self.use_gpu:
             raise ValueError("resources_per_worker.GPU > 0 needs use_gpu: true (or drop the GPU entry)")
+        if self.deepspeed is not None and self.strategy != "deepspeed":
+            raise ValueError(f"distributed.deepspeed needs strategy: deepspeed (strategy is {self.strategy})")
+        if self.fsdp is not None and self.strategy != "fsdp":
+            raise ValueError(f"distributed.fsdp needs strategy: fsdp (strategy is {self.strategy})")
+        if self.strategy == "fsdp" and not self.use_gpu:
+            raise ValueError(
+                "strategy: fsdp needs use_gpu: true (Accelerate runs FSDP on GPUs only and would silently fall "
+                "back to DDP on CPU); on CPU use strategy: deepspeed for sharding, or ddp"
+            )
         return self
 
 
@@ -183,6 +280,18 @@ class StorageSection(Section):
         return str(path.resolve())
 
 
+class EvalSection(Section):
+    split: Literal["val", "test"] = Field(
+        "val", description="`val`: data.eval, else train's seeded val_split holdout; `test`: train's test file."
+    )
+    max_examples: int | None = Field(200, gt=0, description="Evaluate the first N examples (null: all; slow).")
+    max_new_tokens: int = Field(64, gt=0, description="Generation budget per answer (greedy decoding).")
+    batch_size: int = Field(8, gt=0, description="Examples per forward pass / generate call.")
+    task: Literal["auto", "numeric", "classification", "text"] = Field(
+        "auto", description="Which generation metrics: auto-detected from the reference answers unless set."
+    )
+
+
 class JobConfig(Section):
     name: Annotated[str, Field(pattern=JOB_NAME_PATTERN, description="Job name: runs are named after it.")]
     model: ModelSection
@@ -191,6 +300,7 @@ class JobConfig(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     storage: StorageSection = Field(default_factory=StorageSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> JobConfig:
@@ -201,10 +311,12 @@ class JobConfig(Section):
             )
         if self.training.precision == "fp16" and not self.distributed.use_gpu:
             raise ValueError("training.precision: fp16 needs distributed.use_gpu: true (use bf16 or fp32 on CPU)")
-        if self.model.quantization != "none" and not self.distributed.use_gpu:
+        distributed = self.distributed
+        zero3 = distributed.strategy == "deepspeed" and (distributed.deepspeed or DeepSpeedSection()).stage == 3
+        if self.model.quantization == "8bit" and (zero3 or distributed.strategy == "fsdp"):
             raise ValueError(
-                f"model.quantization: {self.model.quantization} needs distributed.use_gpu: true "
-                "(bitsandbytes quantized training needs a GPU)"
+                f"model.quantization: 8bit and strategy: {distributed.strategy} (sharded weights) cannot be used "
+                "together; use quantization: 4bit (QLoRA shards), or ZeRO stage 2"
             )
         return self
 

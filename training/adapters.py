@@ -54,6 +54,7 @@ def _lora(adapter: AdapterSection, model: torch.nn.Module, use_dora: bool = Fals
         lora_dropout=adapter.dropout,
         target_modules=resolve_target_modules(adapter, model),
         use_dora=use_dora,
+        use_rslora=adapter.use_rslora,
     )
 
 
@@ -73,14 +74,22 @@ def _p_tuning(adapter: AdapterSection, model: torch.nn.Module):
     return PromptEncoderConfig(
         task_type=TaskType.CAUSAL_LM,
         num_virtual_tokens=adapter.num_virtual_tokens,
-        encoder_hidden_size=model.config.hidden_size,
+        encoder_hidden_size=adapter.encoder_hidden_size or model.config.hidden_size,
     )
 
 
 def _prompt_tuning(adapter: AdapterSection, model: torch.nn.Module):
-    from peft import PromptTuningConfig, TaskType
+    from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
-    return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens)
+    if adapter.prompt_init_text is None:
+        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens)
+    return PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM,
+        num_virtual_tokens=adapter.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=adapter.prompt_init_text,
+        tokenizer_name_or_path=model.name_or_path,
+    )
 
 
 def _ia3(adapter: AdapterSection, model: torch.nn.Module):

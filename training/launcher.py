@@ -6,8 +6,9 @@
 The run folder on shared storage, `<storage>/runs/<run-id>/`:
     config.yaml        the resolved job config (the run's only input)
     checkpoints/       Ray Train's checkpoints (adapter + optimizer + scheduler + RNG + trainer state)
-    metrics.jsonl      one record per log event
-    tensorboard/       event files
+    metrics.jsonl      one record per log event (`train_begin` with `resumed: true` marks each restart)
+    tensorboard/       event files (wandb/, mlruns/ when those sinks are listed)
+    deepspeed.json     the DeepSpeed config the workers used (strategy: deepspeed)
     adapter/           the final adapter in PEFT format, plus the tokenizer
     run.json           summary: status, steps, losses, timings
 """
@@ -28,7 +29,8 @@ from lorafleet.errors import LorafleetError
 from lorafleet.storage import StorageRoot, is_valid_run_id, local_path_of, upload_dir, write_text_atomic
 
 CHECKPOINT_ONLY_FILES = re.compile(
-    r"^(optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)$"
+    r"^((optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)"
+    r"|latest|zero_to_(fp32|torch)\.py)$"  # DeepSpeed's resume pointer and conversion scripts
 )
 
 
@@ -68,14 +70,21 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
             f"run {run_id} exists with a different config; resume it with the config saved in "
             f"{run_dir}/config.yaml, or start a new run id"
         )
+    preflight(job, embedded=address is None)
     _write_run_file(run_dir, "config.yaml", job.to_yaml())
     print(f"run {run_id}{' (resuming)' if previous else ''}\nfolder {run_dir}", flush=True)
+    deepspeed = None
+    if job.distributed.strategy == "deepspeed":
+        from training.strategies import deepspeed_config
+
+        deepspeed = deepspeed_config(job)
+        _write_run_file(run_dir, "deepspeed.json", json.dumps(deepspeed, indent=2))
 
     started = time.monotonic()
     if address is None:
         provision_builtins(job)
     connect_ray(job, address)
-    result = build_trainer(job, run_id, run_dir).fit()
+    result = build_trainer(job, run_id, run_dir, deepspeed=deepspeed).fit()
     if result.error is not None or result.checkpoint is None:
         failure = {"run_id": run_id, "status": "failed", "error": str(result.error)}
         _write_run_file(run_dir, "run.json", json.dumps(failure, indent=2))
@@ -117,6 +126,30 @@ def provision_builtins(job: JobConfig) -> None:
             resolve_builtin_dataset(reference)
 
 
+def preflight(job: JobConfig, *, embedded: bool) -> None:
+    """What can be checked before Ray starts: optional packages, and on an embedded Ray (the workers run on this
+    machine) the device itself: GPUs present, precision, bitsandbytes. Workers check again on their device."""
+    import torch
+
+    from training.model import check_precision, check_quantization
+    from training.sinks import check_sinks
+    from training.strategies import check_strategy
+
+    check_sinks(job.training.logging)
+    check_strategy(job, "cuda" if job.distributed.use_gpu else "cpu")
+    if not embedded:
+        return
+    if job.distributed.use_gpu and not torch.cuda.is_available():
+        raise LorafleetError(
+            "distributed.use_gpu: true but this machine has no CUDA GPU for the embedded Ray; "
+            "pass --address of a GPU cluster, or set distributed.use_gpu: false"
+        )
+    device = torch.device("cuda", 0) if job.distributed.use_gpu else torch.device("cpu")
+    check_precision(job.training.precision, device)
+    if job.model.quantization != "none":
+        check_quantization(job.model, device)
+
+
 def connect_ray(job: JobConfig, address: str | None) -> None:
     """Join `address`, or start an embedded Ray sized so that the job's workers fit on this machine."""
     import ray
@@ -139,7 +172,7 @@ def connect_ray(job: JobConfig, address: str | None) -> None:
     )
 
 
-def build_trainer(job: JobConfig, run_id: str, run_dir: str):
+def build_trainer(job: JobConfig, run_id: str, run_dir: str, *, deepspeed: dict | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -151,7 +184,7 @@ def build_trainer(job: JobConfig, run_id: str, run_dir: str):
         resources.setdefault("GPU", 1)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": job.to_yaml(), "run_id": run_id, "run_dir": run_dir},
+        train_loop_config={"config": job.to_yaml(), "run_id": run_id, "run_dir": run_dir, "deepspeed": deepspeed},
         torch_config=TorchConfig(backend="nccl" if distributed.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=distributed.num_workers, use_gpu=distributed.use_gpu, resources_per_worker=resources

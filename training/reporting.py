@@ -1,12 +1,13 @@
 """What a training worker tells the world: metrics.jsonl, a console progress line, Ray Train checkpoints.
 
 Ray Train needs every worker to call `ray.train.report` the same number of times, so all ranks report at
-each save; only rank 0 hands over its checkpoint folder (HF Trainer writes it on rank 0 alone).
+each save, each with the checkpoint files it wrote; Ray merges them into one checkpoint folder.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -54,9 +55,27 @@ class ProgressReporter(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._last_time = self._start_time = time.monotonic()
         self._last_tokens = state.num_input_tokens_seen
+        if state.is_world_process_zero:  # step > 0: resumed from a checkpoint (a restart or --resume)
+            self.metrics.append(
+                {
+                    "event": "train_begin",
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "resumed": state.global_step > 0,
+                    "time": time.time(),
+                }
+            )
+
+    def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             self.metrics.append(
-                {"event": "train_begin", "step": state.global_step, "max_steps": state.max_steps, "time": time.time()}
+                {
+                    "event": "train_end",
+                    "step": state.global_step,
+                    "max_steps": state.max_steps,
+                    "stopped_early": state.global_step < state.max_steps,
+                    "time": time.time(),
+                }
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -82,6 +101,8 @@ class ProgressReporter(TrainerCallback):
             ]
         if "eval_loss" in logs:
             parts.append(f"eval_loss {logs['eval_loss']:.4f}")
+        if "eval_perplexity" in logs:
+            parts.append(f"eval_ppl {logs['eval_perplexity']:.2f}")
         elapsed = time.monotonic() - self._start_time
         done = max(state.global_step, 1)
         remaining = elapsed / done * max(state.max_steps - state.global_step, 0)
@@ -90,7 +111,12 @@ class ProgressReporter(TrainerCallback):
 
 
 class RayCheckpointReporter(TrainerCallback):
-    """At every HF save, all ranks report to Ray Train; rank 0 attaches the checkpoint folder it wrote."""
+    """At every HF save, every rank reports its checkpoint folder to Ray Train, which merges them into one.
+
+    Rank 0's folder holds the adapter, optimizer, scheduler and trainer state (with the data position); the
+    others hold their own RNG state and, with DeepSpeed, their optimizer shards. Ray uploads synchronously, so
+    the local copy is deleted afterwards (scratch disk stays at one checkpoint per worker).
+    """
 
     def on_save(self, args, state, control, **kwargs):
         import ray.train
@@ -98,8 +124,8 @@ class RayCheckpointReporter(TrainerCallback):
         metrics: dict = {"step": state.global_step}
         for entry in state.log_history:
             metrics.update({key: value for key, value in entry.items() if isinstance(value, int | float)})
-        checkpoint = None
         folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder.is_dir() else None
         ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(folder, ignore_errors=True)

@@ -1,10 +1,14 @@
 """The function every Ray Train worker runs: one fine-tune, read top to bottom.
 
-    rebuild config → seed → tokenizer + base model → PEFT adapter → data → HF Trainer → train → report
+    train_loop_per_worker:  rebuild config → build_trainer → resume from Ray's checkpoint, if any → train
+    build_trainer:          seed → checks → tokenizer → data → TrainingArguments → base model → adapter → Trainer
 
 Ray has already set up the process group (gloo on CPU, nccl on GPU) and the RANK/WORLD_SIZE variables,
-so the HF Trainer (through Accelerate) runs DDP across the workers by itself. Checkpoints reach shared
-storage through `ray.train.report`; a restarted worker resumes from the latest one Ray hands back.
+so the HF Trainer (through Accelerate) runs DDP, DeepSpeed or FSDP across the workers by itself.
+Checkpoints (adapter, optimizer, scheduler, RNG, trainer state with the data position) reach shared
+storage through `ray.train.report`; a restarted worker resumes from the latest complete one Ray hands back.
+
+`build_trainer` needs no Ray: tests and benchmarks call it in-process on one CPU.
 """
 
 from __future__ import annotations
@@ -16,44 +20,88 @@ from typing import Any
 import yaml
 
 from lorafleet.config import JobConfig
-from lorafleet.storage import local_path_of
+from lorafleet.errors import LorafleetError
+
+CHECKPOINT_MARKERS = ("trainer_state.json", "adapter_config.json")  # the HF Trainer writes trainer_state last
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
-    from ray.train.huggingface.transformers import prepare_trainer
-    from transformers import PrinterCallback, Trainer, set_seed
+
+    from training.reporting import RayCheckpointReporter
+
+    job = JobConfig.model_validate(yaml.safe_load(payload["config"]))
+    run_id = payload["run_id"]
+    trainer, data = build_trainer(
+        job,
+        run_id=run_id,
+        run_dir=payload["run_dir"],
+        device=ray.train.torch.get_device(),
+        rank=ray.train.get_context().get_world_rank(),
+        deepspeed=payload.get("deepspeed"),
+        callbacks=[RayCheckpointReporter()],
+    )
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        result = trainer.train()
+    else:
+        with checkpoint.as_directory() as resume_dir:
+            require_complete_checkpoint(resume_dir)
+            print(f"[{run_id}] resuming from {checkpoint.path}", flush=True)
+            result = trainer.train(resume_from_checkpoint=resume_dir)
+    return {"train_loss": result.training_loss, "global_step": result.global_step, "data": data.stats_dict()}
+
+
+def build_trainer(
+    job: JobConfig,
+    *,
+    run_id: str,
+    run_dir: str,
+    device,
+    rank: int = 0,
+    deepspeed: dict[str, Any] | None = None,
+    callbacks: list | tuple = (),
+    output_dir: str | None = None,
+):
+    """(trainer, data): an HF Trainer ready to `.train()` on this process's share of the job."""
+    from transformers import PrinterCallback, set_seed
 
     from training.adapters import apply_adapter
     from training.data import Collator, build_datasets
     from training.early_stopping import EarlyStopping
-    from training.model import load_base_model, load_tokenizer
-    from training.reporting import MetricsLog, ProgressReporter, RayCheckpointReporter
+    from training.model import check_precision, load_base_model, load_tokenizer
+    from training.reporting import MetricsLog, ProgressReporter
+    from training.sinks import check_sinks, sink_callbacks
+    from training.strategies import check_strategy, quantized_storage_dtype, require_engine
+    from training.trainer import FineTuneTrainer
 
-    job = JobConfig.model_validate(yaml.safe_load(payload["config"]))
-    run_id, run_dir = payload["run_id"], payload["run_dir"]
-    context = ray.train.get_context()
     set_seed(job.training.seed)
+    check_precision(job.training.precision, device)
+    check_strategy(job, device.type)
+    check_sinks(job.training.logging)
 
     tokenizer = load_tokenizer(job.model)
-    model = load_base_model(job.model, job.training, ray.train.torch.get_device())
-    model = apply_adapter(model, job.adapter)
-    if context.get_world_rank() == 0:
-        model.print_trainable_parameters()
-
     data = build_datasets(job.data, tokenizer, seed=job.training.seed)
-    if context.get_world_rank() == 0:
+    if rank == 0:
         print(f"[{run_id}] data: {data.stats}", flush=True)
 
-    output_dir = tempfile.mkdtemp(prefix=f"lorafleet-{run_id}-rank{context.get_world_rank()}-")
-    callbacks = [RayCheckpointReporter(), ProgressReporter(MetricsLog(run_dir), run_id)]
-    callbacks += tensorboard_callbacks(job, run_dir, context.get_world_rank())
+    # Arguments before the model: with ZeRO-3 they make from_pretrained load the weights already partitioned.
+    output_dir = output_dir or tempfile.mkdtemp(prefix=f"lorafleet-{run_id}-rank{rank}-")
+    args = training_arguments(job, output_dir, has_eval=data.eval is not None, run_name=run_id, deepspeed=deepspeed)
+
+    model = load_base_model(job.model, job.training, device, quant_storage=quantized_storage_dtype(job, deepspeed))
+    model = apply_adapter(model, job.adapter)
+    if rank == 0:
+        model.print_trainable_parameters()
+
+    callbacks = [*callbacks, ProgressReporter(MetricsLog(run_dir), run_id), *sink_callbacks(job, run_dir, rank)]
     if job.training.early_stopping is not None:
         callbacks.append(EarlyStopping(job.training.early_stopping))
-    trainer = Trainer(
+    trainer = FineTuneTrainer(
         model=model,
-        args=training_arguments(job, output_dir, has_eval=data.eval is not None),
+        args=args,
         train_dataset=data.train,
         eval_dataset=data.eval,
         data_collator=Collator(tokenizer.pad_token_id),
@@ -61,34 +109,30 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressReporter prints one line per log event instead
-    trainer = prepare_trainer(trainer)
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        result = trainer.train()
-    else:
-        with checkpoint.as_directory() as resume_dir:
-            print(f"[{run_id}] resuming from {checkpoint.path}", flush=True)
-            result = trainer.train(resume_from_checkpoint=resume_dir)
-    return {"train_loss": result.training_loss, "global_step": result.global_step, "data": data.stats_dict()}
+    require_engine(trainer, job.distributed.strategy)
+    return trainer, data
 
 
-def training_arguments(job: JobConfig, output_dir: str, *, has_eval: bool):
+def training_arguments(
+    job: JobConfig, output_dir: str, *, has_eval: bool, run_name: str | None = None, deepspeed: dict | None = None
+):
     from transformers import TrainingArguments
+
+    from training.strategies import strategy_arguments
 
     training = job.training
     evaluate = has_eval and training.eval_steps is not None
-    max_steps = training.max_steps or -1
     return TrainingArguments(
         output_dir=output_dir,
-        max_steps=max_steps,
+        run_name=run_name,
+        max_steps=training.max_steps or -1,
         num_train_epochs=training.epochs,
         per_device_train_batch_size=training.micro_batch_size,
         per_device_eval_batch_size=training.micro_batch_size,
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         learning_rate=training.learning_rate,
         lr_scheduler_type=training.lr_scheduler,
-        warmup_steps=training.warmup_ratio,
+        warmup_steps=training.warmup_steps if training.warmup_steps is not None else training.warmup_ratio,
         weight_decay=training.weight_decay,
         max_grad_norm=training.max_grad_norm,
         bf16=training.precision == "bf16",
@@ -98,26 +142,22 @@ def training_arguments(job: JobConfig, output_dir: str, *, has_eval: bool):
         eval_steps=training.eval_steps,
         save_strategy="steps",
         save_steps=training.save_steps or (training.max_steps or 10**9),
-        save_total_limit=1,
+        save_total_limit=1,  # the local scratch copy; Ray keeps `keep_checkpoints` on shared storage
         logging_steps=training.logging_steps,
         logging_first_step=True,
         seed=training.seed,
         data_seed=training.seed,
-        report_to="none",
+        report_to="none",  # sinks are added as callbacks (training/sinks.py), on rank 0 only
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+        **strategy_arguments(job, deepspeed),
     )
 
 
-def tensorboard_callbacks(job: JobConfig, run_dir: str, rank: int) -> list:
-    """TensorBoard event files under `<run>/tensorboard/` (rank 0, storage on a local/NFS path)."""
-    local_run_dir = local_path_of(run_dir)
-    if rank != 0 or "tensorboard" not in job.training.logging or local_run_dir is None:
-        return []
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-
-    return [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(local_run_dir) / "tensorboard")))]
+def require_complete_checkpoint(folder: str) -> None:
+    """Resume only from a checkpoint the HF Trainer finished writing."""
+    missing = [name for name in CHECKPOINT_MARKERS if not (Path(folder) / name).is_file()]
+    if missing:
+        raise LorafleetError(f"checkpoint {folder} is incomplete (no {', '.join(missing)}); it cannot be resumed")

@@ -1,0 +1,196 @@
+"""Fault tolerance on a real embedded Ray: 2 CPU workers, one of them SIGKILLed mid-run.
+
+- max_failures: 1 -> Ray restarts the worker group from the last checkpoint and the run completes; its final
+  loss matches an uninterrupted run with the same seed; metrics.jsonl shows the restart (`train_begin`,
+  `resumed: true`, at the checkpoint's step).
+- max_failures: 0 -> the run fails cleanly (exit code, run.json). `lorafleet train CONFIG --resume RUN_ID`
+  then continues it from its last complete checkpoint (a stray, incomplete checkpoint folder is ignored) and
+  completes. This pair runs DeepSpeed ZeRO-2, so sharded optimizer state from both workers comes back too.
+
+Every run is the real CLI in a subprocess; the worker to kill is found among that subprocess's descendants only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import CONFIGS, REPO
+
+pytestmark = pytest.mark.slow
+
+STEPS, SAVE_EVERY = 40, 4
+
+
+def train_command(storage: Path, run_id: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-c", "from lorafleet.cli import main; main()",
+        "train", str(CONFIGS / "tiny.yaml"), "--run-id", run_id,
+        "--set", f"storage.uri={storage}", "--set", f"training.max_steps={STEPS}",
+        "--set", f"training.save_steps={SAVE_EVERY}", "--set", "training.seed=7", *extra,
+    ]  # fmt: skip
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def registered_checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray's controller has registered (a checkpoint is complete only from then on)."""
+    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return [int(result["metrics"]["step"]) for result in results]
+
+
+def train_workers(root: psutil.Process) -> list[psutil.Process]:
+    workers = []
+    for process in root.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                workers.append(process)
+        except psutil.Error:
+            continue
+    return workers
+
+
+def run(command: list[str], run_dir: Path, *, kill: bool = False, timeout: float = 900):
+    """Run the CLI; with `kill`, SIGKILL one train worker once Ray has registered a checkpoint and training
+    has moved past it (so there is work to lose and a checkpoint to come back to).
+
+    Returns (result with stdout+stderr in stdout, pid killed or None). Output goes to a file: a full pipe would
+    block the run while it is being watched.
+    """
+    log_path = run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process ends
+    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    try:
+        if kill:
+            deadline = time.monotonic() + timeout
+            root = psutil.Process(process.pid)
+            while killed is None and process.poll() is None and time.monotonic() < deadline:
+                registered = registered_checkpoint_steps(run_dir)
+                steps = [record["step"] for record in read_metrics(run_dir) if "loss" in record]
+                workers = train_workers(root)
+                if registered and steps and max(steps) > max(registered) and len(workers) == 2:
+                    victim = workers[-1]
+                    os.kill(victim.pid, signal.SIGKILL)
+                    killed = victim.pid
+                time.sleep(0.05)
+        process.wait(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    return subprocess.CompletedProcess(command, process.returncode, log_path.read_text(), ""), killed
+
+
+def final_loss(run_dir: Path) -> float:
+    return [record for record in read_metrics(run_dir) if "loss" in record and record["step"] == STEPS][-1]["loss"]
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fault-storage")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(storage: Path) -> Path:
+    result, _ = run(train_command(storage, "straight"), storage / "runs" / "straight")
+    assert result.returncode == 0, result.stdout[-4000:]
+    return storage / "runs" / "straight"
+
+
+@pytest.fixture(scope="module")
+def recovered(storage: Path) -> tuple[Path, int]:
+    run_dir = storage / "runs" / "killed"
+    command = train_command(storage, "killed", "--set", "distributed.max_failures=1")
+    result, killed = run(command, run_dir, kill=True)
+    assert killed is not None, "the run ended before a worker could be killed: " + result.stdout[-3000:]
+    assert result.returncode == 0, result.stdout[-5000:]
+    return run_dir, killed
+
+
+def test_killed_worker_is_replaced_and_the_run_completes(recovered: tuple[Path, int]) -> None:
+    run_dir, killed = recovered
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["status"] == "succeeded" and summary["global_step"] == STEPS
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+
+
+def test_metrics_show_the_restart_from_the_last_checkpoint(recovered: tuple[Path, int]) -> None:
+    run_dir, _ = recovered
+    records = read_metrics(run_dir)
+    begins = [record for record in records if record.get("event") == "train_begin"]
+    assert [begin["resumed"] for begin in begins] == [False, True], begins
+    resumed_at = begins[1]["step"]
+    assert resumed_at > 0 and resumed_at % SAVE_EVERY == 0, begins
+    logged_after_restart = [record["step"] for record in records[records.index(begins[1]) :] if "loss" in record]
+    assert logged_after_restart == list(range(resumed_at + 1, STEPS + 1))
+    assert (run_dir / "report" / "loss.png").is_file()
+
+
+def test_recovered_run_ends_where_an_uninterrupted_run_ends(recovered: tuple[Path, int], uninterrupted: Path) -> None:
+    run_dir, _ = recovered
+    straight, resumed = final_loss(uninterrupted), final_loss(run_dir)
+    assert resumed == pytest.approx(straight, rel=0.02), (resumed, straight)
+
+
+@pytest.fixture(scope="module")
+def failed_then_resumed(storage: Path) -> dict:
+    run_dir = storage / "runs" / "no-retries"
+    deepspeed = ("--set", "distributed.strategy=deepspeed", "--set", "distributed.deepspeed.stage=2")
+    command = train_command(storage, "no-retries", "--set", "distributed.max_failures=0", *deepspeed)
+    failed, killed = run(command, run_dir, kill=True)
+    assert killed is not None, failed.stdout[-3000:]
+    failed_summary = json.loads((run_dir / "run.json").read_text())
+    checkpoints_before = sorted(path.name for path in (run_dir / "checkpoints").glob("checkpoint_*"))
+    # A checkpoint folder that a crash left half-written (no trainer state, never reported to Ray).
+    stray = run_dir / "checkpoints" / "checkpoint_2099-01-01_00-00-00.000000"
+    stray.mkdir()
+    (stray / "adapter_config.json").write_text("{}")
+    resume = [sys.executable, "-c", "from lorafleet.cli import main; main()", "train", str(CONFIGS / "tiny.yaml"),
+              "--set", f"storage.uri={storage}", "--resume", "no-retries"]  # fmt: skip
+    resumed, _ = run(resume, run_dir)
+    return {
+        "run_dir": run_dir, "failed": failed, "failed_summary": failed_summary,
+        "checkpoints_before": checkpoints_before, "resumed": resumed,
+    }  # fmt: skip
+
+
+def test_max_failures_0_fails_cleanly(failed_then_resumed: dict) -> None:
+    failed = failed_then_resumed["failed"]
+    assert failed.returncode not in (0, None), failed.stdout[-3000:]
+    assert "failed" in failed.stdout and "Traceback (most recent call last)" not in failed.stdout[-1500:]
+    assert failed_then_resumed["failed_summary"]["status"] == "failed"
+    assert failed_then_resumed["checkpoints_before"], "no checkpoint was reported before the kill"
+
+
+def test_resume_continues_the_failed_run_from_its_last_complete_checkpoint(failed_then_resumed: dict) -> None:
+    run_dir, resumed = failed_then_resumed["run_dir"], failed_then_resumed["resumed"]
+    assert resumed.returncode == 0, resumed.stdout[-5000:]
+    assert "(resuming)" in resumed.stdout
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["status"] == "succeeded" and summary["global_step"] == STEPS
+    begins = [record for record in read_metrics(run_dir) if record.get("event") == "train_begin"]
+    assert len(begins) == 2 and begins[1]["resumed"] and begins[1]["step"] % SAVE_EVERY == 0, begins
+    assert begins[1]["step"] >= SAVE_EVERY
+    assert json.loads((run_dir / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (run_dir / "adapter" / "latest").exists()  # DeepSpeed's resume pointer stays in the checkpoint

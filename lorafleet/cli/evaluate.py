@@ -1,0 +1,42 @@
+"""`lorafleet eval RUN`: base vs fine-tuned on the run's held-out data; the report goes to <run>/report/.
+
+    lorafleet eval price-20250101-120000 --max-examples 100
+    lorafleet eval /mnt/shared/runs/price-20250101-120000 --split test --task numeric --batch-size 16
+
+Defaults come from the run's `eval:` config section; options given here win.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from lorafleet.cli.merge import RunArg, StorageOption
+
+
+def evaluate(
+    run: str = RunArg,
+    storage: str = StorageOption,
+    split: str = typer.Option(
+        None, "--split", help="val: data.eval, else the run's seeded holdout of train; test: train's test file."
+    ),
+    max_examples: int = typer.Option(
+        None, "--max-examples", min=0, help="Evaluate the first N examples (0: all). Default: eval.max_examples."
+    ),
+    batch_size: int = typer.Option(None, "--batch-size", min=1, help="Examples per forward/generate call."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Generation budget per answer."),
+    task: str = typer.Option(None, "--task", help="auto | numeric | classification | text (default: auto-detect)."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+) -> None:
+    """Compare the base model and the fine-tuned adapter: loss, perplexity, task metrics, plots."""
+    from training.evaluate import evaluate_run, resolve_settings
+    from training.evaluate_report import summary_lines
+    from training.export import open_run
+
+    folder = open_run(run, storage)
+    settings = resolve_settings(
+        folder.job, split=split, max_examples=max_examples, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, task=task,
+    )
+    outcome = evaluate_run(folder, settings, device=device)
+    typer.echo("\n".join(summary_lines(outcome.report)))
+    typer.echo(f"report {folder.report_dir / 'eval.md'}")

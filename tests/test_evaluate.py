@@ -1,0 +1,276 @@
+"""`lorafleet eval`: metrics by task, and base vs fine-tuned on a tiny run trained in-process (no Ray)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lorafleet.config import JobConfig
+from tests.conftest import run_cli
+from training.evaluate_metrics import (
+    detect_task,
+    numeric_metrics,
+    parse_answer_number,
+    parse_reference_number,
+    task_metrics,
+)
+
+EVAL_FILES = ("eval.json", "eval.md", "eval_metrics.png", "eval_scatter.png", "eval_generations.jsonl")
+
+
+def tiny_job(storage: Path, **sections: dict) -> JobConfig:
+    config = {
+        "name": "tiny-eval",
+        "model": {"name_or_path": "builtin:tiny-llama"},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train": "builtin:price", "format": "alpaca", "max_seq_len": 256, "val_split": 0.1, "max_rows": 240},
+        "training": {"max_steps": 40, "micro_batch_size": 8, "learning_rate": 3e-3, "seed": 0},
+        "distributed": {"num_workers": 1},
+        "storage": {"uri": str(storage)},
+        "eval": {"max_examples": 12, "max_new_tokens": 10, "batch_size": 5},
+    }
+    for name, values in sections.items():
+        config[name] = config.get(name, {}) | values
+    return JobConfig.model_validate(config)
+
+
+def train_run_folder(job: JobConfig, run_id: str) -> Path:
+    """What the launcher leaves behind (config.yaml, adapter/, run.json), trained in-process with plain PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    from lorafleet.models import resolve_model
+    from training.adapters import apply_adapter
+    from training.data import Collator, build_datasets
+    from training.model import load_tokenizer
+
+    run_dir = Path(job.storage.uri) / "runs" / run_id
+    torch.manual_seed(job.training.seed)
+    tokenizer = load_tokenizer(job.model)
+    model = apply_adapter(AutoModelForCausalLM.from_pretrained(resolve_model(job.model.name_or_path)), job.adapter)
+    data = build_datasets(job.data, tokenizer, seed=job.training.seed)
+    loader = torch.utils.data.DataLoader(
+        data.train, batch_size=job.training.micro_batch_size, shuffle=True, collate_fn=Collator(tokenizer.pad_token_id)
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=job.training.learning_rate)
+    model.train()
+    for _, batch in zip(range(job.training.max_steps), itertools.cycle(loader), strict=False):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    adapter_config_path = run_dir / "adapter" / "adapter_config.json"
+    adapter_config = json.loads(adapter_config_path.read_text())
+    adapter_config["base_model_name_or_path"] = job.model.name_or_path
+    adapter_config_path.write_text(json.dumps(adapter_config, indent=2))
+    (run_dir / "config.yaml").write_text(job.to_yaml())
+    summary = {"run_id": run_id, "status": "succeeded", "global_step": job.training.max_steps}
+    (run_dir / "run.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_run_folder(tiny_job(tmp_path_factory.mktemp("storage")), "tiny-eval-run")
+
+
+@pytest.fixture(scope="module")
+def cli_report(trained_run: Path) -> dict:
+    result = run_cli("eval", str(trained_run), "--max-examples", "12", "--max-new-tokens", "10")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "fine-tuned" in result.stdout and "MAE" in result.stdout, result.stdout
+    assert "generate base" in result.stderr, "no progress bar"
+    return json.loads((trained_run / "report" / "eval.json").read_text())
+
+
+# --- metrics -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("$123.45", 123.45),
+        ("$1,234.50", 1234.5),
+        ("42", 42.0),
+        ("-3.5", -3.5),
+        (" 7 USD", 7.0),
+        ("about $12", None),
+        ("$12 or $13", None),
+        ("", None),
+        ("Category: billing", None),
+    ],
+)
+def test_reference_numbers_must_be_the_whole_text(text: str, value: float | None) -> None:
+    assert parse_reference_number(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("$48.10", 48.1),
+        ("It costs about $1,299.99.", 1299.99),
+        ("Price: 12 dollars", 12.0),
+        ("no idea", None),
+        ("$", None),
+        ("v2x", None),
+    ],
+)
+def test_answers_give_their_first_number(text: str, value: float | None) -> None:
+    assert parse_answer_number(text) == value
+
+
+def test_task_detection() -> None:
+    assert detect_task(["$12.00", "$3.50", "$1,200.00"]) == "numeric"
+    tickets = [f"Category: {c}\nReply: sorry about order {i}." for i, c in enumerate(["billing", "shipping"] * 4)]
+    assert detect_task(tickets) == "classification"
+    assert detect_task([f"a sentence about topic {i}" for i in range(8)]) == "text"
+
+
+def test_unparseable_answers_are_counted_not_dropped() -> None:
+    metrics = numeric_metrics(["$100", "no idea", "$130", "$50"], ["$100.00", "$80.00", "$100.00", "$100.00"])
+    assert metrics["unparseable"] == 1 and metrics["unparseable_rate"] == 0.25
+    assert metrics["mae"] == pytest.approx((0 + 30 + 50) / 3)  # over the answers that hold a number
+    assert metrics["within_20pct"] == 0.25  # of all four: the unparseable answer is a miss
+    expected = math.sqrt(((math.log1p(130) - math.log1p(100)) ** 2 + (math.log1p(50) - math.log1p(100)) ** 2) / 3)
+    assert metrics["rmsle"] == pytest.approx(expected)
+    nothing = numeric_metrics(["?", "?"], ["$1", "$2"])
+    assert nothing["mae"] is None and nothing["unparseable"] == 2 and nothing["within_20pct"] == 0
+
+
+def test_classification_and_text_metrics() -> None:
+    references = ["Category: billing\nReply: refunded.", "Category: shipping\nReply: traced."] * 2
+    predictions = ["Category: billing\nReply: refunded.", "Category: billing\nReply: x", "category: billing.", "?"]
+    metrics = task_metrics("classification", predictions, references)
+    assert metrics["accuracy"] == 0.5 and metrics["exact_match"] == 0.25
+    assert 0 < metrics["macro_f1"] < 1 and 0 < metrics["rougeL"] < 1 and metrics["bleu"] > 0
+    perfect = task_metrics("text", references, references)
+    assert perfect["exact_match"] == 1 and perfect["bleu"] == pytest.approx(100) and perfect["rougeL"] == 1
+
+
+# --- a trained tiny run --------------------------------------------------------------------------------
+
+
+def test_eval_report_has_every_section_and_plot(trained_run: Path, cli_report: dict) -> None:
+    report_dir = trained_run / "report"
+    for name in EVAL_FILES:
+        assert (report_dir / name).is_file() and (report_dir / name).stat().st_size > 0, name
+    for name in ("eval_metrics.png", "eval_scatter.png"):
+        assert (report_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert cli_report["task"] == "numeric" and cli_report["task_source"] == "detected"
+    assert cli_report["n"] == 12 and cli_report["data"]["examples"] == 12 and cli_report["data"]["split"] == "val"
+    assert cli_report["settings"]["max_new_tokens"] == 10 and cli_report["settings"]["batch_size"] == 5
+    for side in ("base", "finetuned"):
+        assert set(cli_report[side]) >= {"loss", "perplexity", "mae", "rmsle", "within_20pct", "unparseable"}
+        assert 0 <= cli_report[side]["unparseable"] <= 12
+    markdown = (report_dir / "eval.md").read_text()
+    for piece in (
+        "| metric | base | fine-tuned | change |",
+        "MAE",
+        "within ±20%",
+        "## Examples",
+        "eval_scatter.png",
+        "eval_metrics.png",
+    ):
+        assert piece in markdown, piece
+    rows = [json.loads(line) for line in (report_dir / "eval_generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and all(row["reference"].startswith("$") for row in rows)
+
+
+def test_base_and_finetuned_differ_on_the_same_examples(trained_run: Path, cli_report: dict) -> None:
+    base, tuned = cli_report["base"], cli_report["finetuned"]
+    assert tuned["loss"] < base["loss"], (base["loss"], tuned["loss"])  # 40 steps on prices: a clear drop
+    assert cli_report["delta"]["loss"] == pytest.approx(tuned["loss"] - base["loss"])
+    rows = [json.loads(line) for line in (trained_run / "report" / "eval_generations.jsonl").read_text().splitlines()]
+    assert [row["base"] for row in rows] != [row["finetuned"] for row in rows]
+    # the same examples: exactly training's seeded holdout, in order
+    from training.data import load_samples, split_holdout
+
+    job = JobConfig.model_validate(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    _, held_out = split_holdout(
+        load_samples(job.data.train, "alpaca", max_rows=job.data.max_rows),
+        job.data.val_split,
+        job.training.seed,
+        source=job.data.train,
+    )
+    assert [row["location"] for row in rows] == [sample.location for sample in held_out[:12]]
+    assert [row["reference"] for row in rows] == [sample.record.output for sample in held_out[:12]]
+
+
+@pytest.mark.parametrize(
+    ("patched", "message"),
+    [("run_model", "not evaluated on the same examples"), ("response_loss", "passes covered different examples")],
+)
+def test_both_models_are_checked_to_see_the_same_examples(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, patched: str, message: str
+) -> None:
+    """The fine-tuned model's run (or one of its passes) silently skipping an example is an error."""
+    import dataclasses
+
+    import training.evaluate as evaluate
+    from training.export import open_run
+
+    run = open_run(trained_run)
+    settings = evaluate.resolve_settings(run.job, max_examples=4, max_new_tokens=2, split="test")
+    original = getattr(evaluate, patched)
+    calls = []
+
+    def drop_last_example_the_second_time(model, tokenizer_or_examples, data_or_rest, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 and patched == "run_model":
+            data_or_rest = dataclasses.replace(data_or_rest, examples=data_or_rest.examples[:-1])
+        elif len(calls) == 2:
+            tokenizer_or_examples = tokenizer_or_examples[:-1]
+        return original(model, tokenizer_or_examples, data_or_rest, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, patched, drop_last_example_the_second_time)
+    with pytest.raises(RuntimeError, match=message):
+        evaluate.evaluate_run(run, settings)
+
+
+def test_test_split_and_task_override(trained_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "tiny-eval-copy"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("report"))
+    result = run_cli(
+        "eval",
+        str(copy),
+        "--split",
+        "test",
+        "--max-examples",
+        "6",
+        "--task",
+        "text",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "3",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((copy / "report" / "eval.json").read_text())
+    assert report["data"]["source"] == "builtin:price/test" and report["n"] == 6
+    assert report["task"] == "text" and report["task_source"] == "set" and "bleu" in report["finetuned"]
+    assert not (copy / "report" / "eval_scatter.png").exists()  # only numeric tasks get the scatter plot
+
+
+def test_bad_settings_and_missing_runs_exit_2(trained_run: Path, tmp_path: Path) -> None:
+    bad_task = run_cli("eval", str(trained_run), "--task", "regression")
+    assert bad_task.returncode == 2 and "eval.task" in bad_task.stderr, bad_task.stderr
+    missing = run_cli("eval", "no-such-run", "--storage", str(tmp_path))
+    assert missing.returncode == 2 and "no run 'no-such-run'" in missing.stderr, missing.stderr
+
+
+def test_registry_reads_the_finetuned_metrics(trained_run: Path, cli_report: dict) -> None:
+    from lorafleet.registry.manifest import extract_metrics
+
+    metrics = extract_metrics(cli_report)
+    if cli_report["finetuned"]["mae"] is not None:
+        assert metrics["mae"] == metrics["finetuned.mae"] == cli_report["finetuned"]["mae"]
+    assert metrics["loss"] == cli_report["finetuned"]["loss"] and metrics["base.loss"] == cli_report["base"]["loss"]
+    assert metrics["within_20pct"] == cli_report["finetuned"]["within_20pct"]

@@ -1,0 +1,432 @@
+"""Base model vs fine-tuned adapter on a run's held-out data: loss, perplexity and task metrics, with a report.
+
+    lorafleet eval price-20250101-120000 --max-examples 100          # a run id under <storage>/runs/
+    lorafleet eval /mnt/shared/runs/price-20250101-120000 --split test --task numeric
+
+One linear story:
+    run folder → config.yaml → eval examples (the run's data.eval, else the same seeded holdout of data.train
+    that training used; `--split test`: the train set's test file) → base model: response loss + greedy
+    generations → the same base with the adapter: the same → task metrics side by side → report/
+
+Examples are rendered exactly as in training (training.data's Renderer and encode: chat template, EOS, loss
+only on response tokens, truncation at data.max_seq_len); generation prompts are the rendered text up to the
+last response. Both models see the same examples in the same batches; this is checked, not assumed.
+Generation is batched with left padding, greedy, and stops at EOS or max_new_tokens.
+
+The report (see evaluate_report.py): report/eval.json (every number, base and fine-tuned side by side),
+report/eval.md, report/eval_metrics.png, report/eval_scatter.png (numeric tasks), report/eval_generations.jsonl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from lorafleet.config import EvalSection, JobConfig
+from lorafleet.errors import ConfigError, Problem
+from training.data import encode_all, label_count, load_samples, split_holdout
+from training.data_formats import Alpaca, Chat, Completion, Renderer, Sample, Text
+from training.data_sources import DataSourceError
+from training.evaluate_metrics import detect_task, task_metrics
+from training.export import RunFolder
+
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class EvalExample:
+    index: int  # position in the split
+    location: str  # file:line of its row
+    shown_input: str  # what the report shows as the input (the user's text, not the whole template)
+    input_ids: list[int]  # prompt + response, truncated to max_seq_len (the loss pass)
+    labels: list[int]  # -100 outside the responses
+    prompt_ids: list[int]  # the rendered text up to the last response (the generation pass)
+    reference: str | None  # the last response; None for the text format (no prompt/answer split)
+
+
+@dataclass(frozen=True)
+class EvalData:
+    split: str
+    source: str
+    rows: int  # rows in the split before max_examples
+    examples: list[EvalExample]
+    truncated: int
+    dropped: int  # examples left without a response token after truncation
+
+    @property
+    def references(self) -> list[str] | None:
+        if any(example.reference is None for example in self.examples):
+            return None
+        return [example.reference for example in self.examples]
+
+    def digest(self) -> str:
+        return examples_digest(self.examples)
+
+
+@dataclass(frozen=True)
+class ModelPass:
+    loss: float
+    perplexity: float
+    generations: list[str] | None
+    examples_sha256: str  # of the examples this pass actually ran, in order
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EvalOutcome:
+    report: dict[str, Any]
+    files: list[Path]
+
+
+def evaluate_run(run: RunFolder, settings: EvalSection, *, device: str | None = None) -> EvalOutcome:
+    """Evaluate base and fine-tuned on the same examples; write the report into `<run>/report/`."""
+    import torch
+    from peft import PeftModel
+
+    from training.evaluate_report import write_report
+    from training.model import load_tokenizer
+
+    started = time.monotonic()
+    job = run.job
+    tokenizer = load_tokenizer(job.model)
+    data = load_eval_data(job, settings, tokenizer)
+    task, task_source = choose_task(settings.task, data)
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    print(
+        f"eval {run.run_id}: {len(data.examples)} examples of {data.source} ({data.split}), task {task or 'none'} "
+        f"({task_source}), device {target}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+    base, precision = load_eval_base(job, target)
+    eos_ids = stop_token_ids(tokenizer, base)
+    generate = task is not None
+    base_pass = run_model(base, tokenizer, data, settings, eos_ids, generate=generate, label="base")
+    tuned = PeftModel.from_pretrained(base, str(run.adapter_dir))
+    tuned.eval()
+    tuned_pass = run_model(tuned, tokenizer, data, settings, eos_ids, generate=generate, label="fine-tuned")
+    if not base_pass.examples_sha256 == tuned_pass.examples_sha256 == data.digest():
+        raise RuntimeError("base and fine-tuned were not evaluated on the same examples")
+
+    references = data.references
+    base_metrics = pass_metrics(base_pass, task, references)
+    tuned_metrics = pass_metrics(tuned_pass, task, references)
+    report = {
+        "schema_version": 1,
+        "run_id": run.run_id,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "task": task or "none",
+        "task_source": task_source,
+        "n": len(data.examples),
+        "data": {
+            "split": data.split,
+            "source": data.source,
+            "format": job.data.format,
+            "rows": data.rows,
+            "examples": len(data.examples),
+            "truncated": data.truncated,
+            "dropped": data.dropped,
+            "label_tokens": sum(label_count(example.labels) for example in data.examples),
+            "sha256": data.digest(),
+        },
+        "settings": {
+            "base_model": job.model.name_or_path,
+            "adapter": str(run.adapter_dir),
+            "method": job.adapter.method,
+            "max_examples": settings.max_examples,
+            "max_new_tokens": settings.max_new_tokens,
+            "batch_size": settings.batch_size,
+            "max_seq_len": job.data.max_seq_len,
+            "decoding": "greedy",
+            "device": str(target),
+            "precision": precision,
+        },
+        "base": base_metrics,
+        "finetuned": tuned_metrics,
+        "delta": {
+            key: tuned_metrics[key] - value
+            for key, value in base_metrics.items()
+            if isinstance(value, int | float) and isinstance(tuned_metrics.get(key), int | float)
+        },
+        "seconds": {"base": base_pass.seconds, "finetuned": tuned_pass.seconds},
+    }
+    report["seconds"]["total"] = round(time.monotonic() - started, 1)
+    files = write_report(run.report_dir, report, generation_rows(data, base_pass, tuned_pass))
+    return EvalOutcome(report=report, files=files)
+
+
+def resolve_settings(job: JobConfig, **overrides: Any) -> EvalSection:
+    """The job's `eval:` section with the command line's values (those not None) on top, validated."""
+    from pydantic import ValidationError
+
+    values = job.eval.model_dump() | {key: value for key, value in overrides.items() if value is not None}
+    if values.get("max_examples") == 0:
+        values["max_examples"] = None  # --max-examples 0: every example
+    try:
+        return EvalSection.model_validate(values)
+    except ValidationError as exc:
+        problems = [Problem(f"eval.{'.'.join(map(str, e['loc']))}", e["msg"]) for e in exc.errors()]
+        raise ConfigError("eval settings (the run's eval: section and the command line)", problems) from None
+
+
+def load_eval_data(job: JobConfig, settings: EvalSection, tokenizer: Any) -> EvalData:
+    source, samples = split_samples(job, settings.split)
+    selected = samples[: settings.max_examples] if settings.max_examples else samples
+    renderer = Renderer(tokenizer)
+    encoded = encode_all(selected, renderer, train_on_prompt=False, source=source)
+    max_len = job.data.max_seq_len
+    examples, truncated, dropped = [], 0, 0
+    for index, (sample, (input_ids, labels)) in enumerate(zip(selected, encoded, strict=True)):
+        if len(input_ids) > max_len:
+            truncated += 1
+            input_ids, labels = input_ids[:max_len], labels[:max_len]
+        if not label_count(labels):
+            dropped += 1
+            continue
+        rendered = renderer(sample.record)
+        reference = reference_of(sample)
+        prompt_ids: list[int] = []
+        if reference is not None:
+            prompt_ids = tokenizer(rendered.text[: rendered.spans[-1][0]], add_special_tokens=False)["input_ids"]
+            prompt_ids = prompt_ids[-max_len:]  # keep the end: it holds the question and the generation prompt
+        examples.append(
+            EvalExample(index, sample.location, shown_input(sample), input_ids, labels, prompt_ids, reference)
+        )
+    if not examples:
+        raise DataSourceError(f"{source}: no example left to evaluate ({dropped} without a response token)")
+    return EvalData(settings.split, source, len(samples), examples, truncated, dropped)
+
+
+def split_samples(job: JobConfig, split: str) -> tuple[str, list[Sample]]:
+    """(description, samples) of the split: `val` is exactly what training held out; `test` the test file."""
+    data = job.data
+    if split == "test":
+        reference = test_reference(data.train)
+        return reference, load_samples(reference, data.format)
+    if data.eval is not None:
+        return data.eval, load_samples(data.eval, data.format, max_rows=data.max_rows)
+    train = load_samples(data.train, data.format, max_rows=data.max_rows)
+    _, held_out = split_holdout(train, data.val_split, job.training.seed, source=data.train)
+    if not held_out:
+        raise DataSourceError(
+            f"{data.train}: the run held nothing out (data.val_split 0, no data.eval); use --split test"
+        )
+    return f"{data.train} (val_split {data.val_split} holdout, seed {job.training.seed})", held_out
+
+
+def test_reference(train: str) -> str:
+    """The test set beside a train set: `builtin:<task>/test`, or `test.<ext>` next to a local train file."""
+    if train.startswith("builtin:"):
+        return f"builtin:{train.removeprefix('builtin:').partition('/')[0]}/test"
+    path = Path(train)
+    if path.suffix in DATA_SUFFIXES and path.is_file():
+        candidates = [path.with_name(path.name.replace("train", "test")), path.with_name(f"test{path.suffix}")]
+        found = next((c for c in candidates if c != path and c.is_file()), None)
+        if found is not None:
+            return str(found)
+    raise DataSourceError(
+        f"--split test: no test set found beside data.train {train} (looked for builtin:<task>/test, or a "
+        "test file next to a local train file); use --split val"
+    )
+
+
+def reference_of(sample: Sample) -> str | None:
+    record = sample.record
+    if isinstance(record, Alpaca):
+        return record.output
+    if isinstance(record, Chat):
+        return next(m.content for m in reversed(record.messages) if m.role == "assistant")
+    if isinstance(record, Completion):
+        return record.completion
+    return None
+
+
+def shown_input(sample: Sample) -> str:
+    record = sample.record
+    if isinstance(record, Alpaca):
+        return record.input if record.input.strip() else record.instruction
+    if isinstance(record, Chat):
+        last_answer = max(i for i, m in enumerate(record.messages) if m.role == "assistant")
+        users = [m.content for m in record.messages[:last_answer] if m.role == "user"]
+        return users[-1] if users else ""
+    if isinstance(record, Completion):
+        return record.prompt
+    return record.text if isinstance(record, Text) else ""
+
+
+def choose_task(requested: str, data: EvalData) -> tuple[str | None, str]:
+    references = data.references
+    if references is None:
+        return None, "text format: no answers to generate"
+    if requested != "auto":
+        return requested, "set"
+    return detect_task(references), "detected"
+
+
+def load_eval_base(job: JobConfig, device: Any) -> tuple[Any, str]:
+    """The base as training loaded it (dtype, quantization on CUDA); unquantized fp32 where 4/8-bit cannot run."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lorafleet.models import resolve_model
+    from training.model import quantization_config, weights_dtype
+
+    model_cfg = job.model
+    dtype = weights_dtype(model_cfg, job.training)
+    precision = str(dtype).removeprefix("torch.")
+    kwargs: dict[str, Any] = {}
+    if model_cfg.quantization != "none":
+        if device.type == "cuda":
+            kwargs["quantization_config"] = quantization_config(model_cfg, device)
+            kwargs["device_map"] = {"": device.index or 0}
+            precision = f"{model_cfg.quantization} ({precision} compute)"
+        else:
+            dtype, precision = torch.float32, f"float32 (trained {model_cfg.quantization}; no CUDA here)"
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model(model_cfg.name_or_path),
+        revision=model_cfg.revision,
+        dtype=dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+        **kwargs,
+    )
+    if not kwargs:
+        model.to(device)
+    model.eval()
+    return model, precision
+
+
+def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    ids |= set(configured) if isinstance(configured, list) else {configured}
+    return sorted(i for i in ids if i is not None)
+
+
+def run_model(
+    model: Any, tokenizer: Any, data: EvalData, settings: EvalSection, eos_ids: list[int], *, generate: bool, label: str
+) -> ModelPass:
+    started = time.monotonic()
+    loss, scored = response_loss(model, data.examples, settings.batch_size, tokenizer.pad_token_id, label)
+    generations = None
+    if generate:
+        generations, answered = generate_answers(
+            model, tokenizer, data.examples, settings.batch_size, settings.max_new_tokens, eos_ids, label
+        )
+        if answered != scored:
+            raise RuntimeError(f"{label}: the loss and generation passes covered different examples")
+    return ModelPass(
+        loss=loss,
+        perplexity=math.exp(loss) if loss < 700 else math.inf,
+        generations=generations,
+        examples_sha256=examples_digest([data.examples[position] for position in scored]),
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def response_loss(
+    model: Any, examples: list[EvalExample], batch_size: int, pad_id: int, label: str
+) -> tuple[float, list[int]]:
+    """Mean cross-entropy over every response token of every example (token-weighted), and the positions of
+    the examples it scored (sorted)."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from training.data import Collator
+
+    collate = Collator(pad_id)
+    device = next(model.parameters()).device
+    total, tokens, scored = 0.0, 0, []
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    with torch.no_grad(), tqdm(total=len(examples), desc=f"loss {label}", unit="ex", file=sys.stderr) as bar:
+        for chunk in batches(order, batch_size):
+            batch = collate([{"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in chunk])
+            input_ids = batch["input_ids"].to(device)
+            logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"].to(device)).logits
+            logits = logits[:, -input_ids.shape[1] :]  # prompt tuning returns logits for its virtual tokens too
+            targets = batch["labels"].to(device)[:, 1:]
+            total += F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            ).item()
+            tokens += int((targets != -100).sum())
+            scored += chunk
+            bar.update(len(chunk))
+    return total / tokens, sorted(scored)
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    examples: list[EvalExample],
+    batch_size: int,
+    max_new_tokens: int,
+    eos_ids: list[int],
+    label: str,
+) -> tuple[list[str], list[int]]:
+    """Greedy answers, batched by prompt length with left padding, in the examples' order (and the positions
+    of the examples answered, sorted)."""
+    import torch
+    from tqdm import tqdm
+    from transformers import GenerationConfig
+
+    pad = tokenizer.pad_token_id
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos_ids
+    )
+    device = next(model.parameters()).device
+    answers: dict[int, str] = {}
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    with torch.no_grad(), tqdm(total=len(examples), desc=f"generate {label}", unit="ex", file=sys.stderr) as bar:
+        for chunk in batches(order, batch_size):
+            prompts = [examples[i].prompt_ids for i in chunk]
+            width = max(len(p) for p in prompts)
+            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            output = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+            for i, row in zip(chunk, output[:, width:], strict=True):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+            bar.update(len(chunk))
+    return [answers[i] for i in range(len(examples))], sorted(answers)
+
+
+def pass_metrics(result: ModelPass, task: str | None, references: list[str] | None) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"loss": result.loss, "perplexity": result.perplexity}
+    if task is not None and result.generations is not None and references is not None:
+        metrics |= task_metrics(task, result.generations, references)
+    return metrics
+
+
+def generation_rows(data: EvalData, base: ModelPass, tuned: ModelPass) -> list[dict[str, Any]]:
+    return [
+        {
+            "index": example.index,
+            "location": example.location,
+            "input": example.shown_input,
+            "reference": example.reference,
+            "base": base.generations[i] if base.generations else None,
+            "finetuned": tuned.generations[i] if tuned.generations else None,
+        }
+        for i, example in enumerate(data.examples)
+    ]
+
+
+def examples_digest(examples: list[EvalExample]) -> str:
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.index, example.input_ids, example.labels, example.prompt_ids]).encode())
+    return digest.hexdigest()
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

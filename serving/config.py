@@ -1,0 +1,217 @@
+"""The serving config: one typed object for both engines (CPU engine here, vLLM on GPUs).
+
+    lorafleet serve --config serve.yaml --port 9000        # flags override the YAML
+
+    # serve.yaml
+    engine: cpu
+    base: builtin:smollm2-135m-instruct
+    adapters: {pricing: /storage/adapters/pricing/v3}
+    max_loras: 4
+
+Unknown keys are errors (`extra="forbid"`). The limits mirror vLLM's flags so a deployment behaves the same on
+either engine: `max_lora_rank` takes vLLM's choices, `max_cpu_loras >= max_loras`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lorafleet.errors import ConfigError, LorafleetError, Problem
+from lorafleet.paths import default_storage_uri
+from lorafleet.registry.contract import VLLM_LORA_RANKS  # vLLM 0.33 LoRAConfig.max_lora_rank choices
+
+ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+# The CPU engine keeps every loaded adapter in memory; without max_cpu_loras it holds at most this many.
+DEFAULT_CPU_ADAPTER_LIMIT = 64
+
+
+def check_adapter_name(name: str) -> str:
+    """Adapter names become model ids (and folder names in the registry): no paths, no uppercase."""
+    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.match(name) or ".." in name:
+        raise ValueError(
+            f"invalid adapter name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (no '/', no '..')"
+        )
+    return name
+
+
+class ServingConfig(BaseModel):
+    """Everything `lorafleet serve` needs; CLI flags override the YAML's values."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    engine: Literal["cpu", "vllm"] = Field("cpu", description="`cpu`: transformers + PEFT here; `vllm`: exec vLLM.")
+    base: str = Field(
+        "builtin:smollm2-135m-instruct",
+        description="Base model: `builtin:<name>`, a local HF folder or a hub id (adapters must name it).",
+    )
+    served_model_name: str | None = Field(
+        None, description="The base model's id in the API (/v1/models, `model`); default: `base` as given."
+    )
+    adapters: dict[str, str] = Field(
+        default_factory=dict, description="Adapters loaded at start: NAME -> folder (`--adapter NAME=PATH`)."
+    )
+    registry_adapters: list[str] = Field(
+        default_factory=list,
+        description="Registry references loaded at start (`--adapters NAME[@ALIAS],...`), resolved in `storage`.",
+    )
+    storage: str | None = Field(None, description="Shared storage root holding the registry (default: local cache).")
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders adapters may be loaded from; default: the storage root and the startup adapters' dirs.",
+    )
+    host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    api_key: str | None = Field(
+        None, description="Require `Authorization: Bearer <key>` on every route but /health (env LORAFLEET_API_KEY)."
+    )
+    runtime_lora_updating: bool = Field(
+        True, description="Offer /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: runtime LoRA updating)."
+    )
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Sequences decoded together (higher: throughput).")
+    max_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="When idle, wait this long for more requests to fill the first batch."
+    )
+    max_queue: int = Field(64, ge=1, description="Requests waiting beyond the running batch; more get 429.")
+    max_loras: int = Field(4, ge=1, description="Distinct adapters in one running batch (vLLM --max-loras).")
+    max_lora_rank: int = Field(16, description=f"Highest adapter rank accepted, one of {VLLM_LORA_RANKS}.")
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="vLLM: adapters cached in CPU memory (>= max_loras). CPU engine: adapters loaded at most "
+        f"(default {DEFAULT_CPU_ADAPTER_LIMIT}).",
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length (prompt + completion); default: the model's own limit."
+    )
+    max_tokens: int = Field(512, ge=1, description="Most tokens one request may generate (its max_tokens cap).")
+    max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype (`auto`: float32 on the CPU engine, the model's dtype on vLLM)."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU engine: intra-op threads of the model thread (default: torch's, one per core)."
+    )
+    drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long in-flight requests may finish.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    vllm_args: list[str] = Field(
+        default_factory=list, description="Extra vLLM flags appended verbatim after the rendered ones."
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, path in value.items():
+            check_adapter_name(name)
+            if not str(path).strip():
+                raise ValueError(f"adapter {name!r} has an empty path")
+        return value
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _vllm_rank(cls, value: int) -> int:
+        if value not in VLLM_LORA_RANKS:
+            raise ValueError(f"{value} is not a rank vLLM accepts: one of {', '.join(map(str, VLLM_LORA_RANKS))}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> ServingConfig:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}), as vLLM requires"
+            )
+        clash = set(self.adapters) & {self.model_id}
+        if clash:
+            raise ValueError(f"adapter name {clash.pop()!r} is also the base model's id: rename the adapter")
+        return self
+
+    @property
+    def model_id(self) -> str:
+        """The base model's id in the API."""
+        return self.served_model_name or self.base
+
+    @property
+    def storage_uri(self) -> str:
+        return self.storage or default_storage_uri()
+
+    @property
+    def cpu_adapter_limit(self) -> int:
+        return self.max_cpu_loras or DEFAULT_CPU_ADAPTER_LIMIT
+
+    def effective_adapter_roots(self) -> list[Path]:
+        """Folders an adapter's real path must lie in: the configured roots, else storage + startup dirs."""
+        if self.adapter_roots:
+            roots = [Path(root) for root in self.adapter_roots]
+        else:
+            roots = [Path(path).parent for path in self.adapters.values()]
+            if "://" not in self.storage_uri or self.storage_uri.startswith("file://"):
+                roots.append(Path(self.storage_uri.removeprefix("file://")))
+        unique: list[Path] = []
+        for root in roots:
+            resolved = root.expanduser().resolve()
+            if resolved not in unique:
+                unique.append(resolved)
+        return unique
+
+
+def build_serving_config(yaml_path: Path | None, overrides: dict[str, Any]) -> ServingConfig:
+    """The YAML's values (if any) with `overrides` (flags that were given) on top; every problem at once."""
+    data: dict[str, Any] = {}
+    source_name = str(yaml_path) if yaml_path else "command line"
+    source = None
+    if yaml_path is not None:
+        from lorafleet.yamlsource import YamlSource
+
+        source = YamlSource.read(Path(yaml_path))
+        if not isinstance(source.data, dict):
+            raise ConfigError(source_name, [Problem(source_name, "the top level must be a mapping")])
+        data = dict(source.data)
+    for key, value in overrides.items():
+        if key == "adapters" and value:
+            data["adapters"] = {**(data.get("adapters") or {}), **value}
+        elif key in ("adapter_roots", "registry_adapters", "vllm_args") and value:
+            data[key] = [*(data.get(key) or []), *value]
+        elif value is not None and value != [] and value != {}:
+            data[key] = value
+    try:
+        return ServingConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            keys = [str(part) for part in error["loc"]]
+            where = source.location_of(keys) if source else source_name
+            message = re.sub(r"^Value error, ", "", error["msg"])
+            if error["type"] == "extra_forbidden":
+                message = "unknown key (check the spelling)"
+            problems.append(Problem(f"{where} {'.'.join(keys) or '(top level)'}", message))
+        raise ConfigError(source_name, problems) from None
+
+
+def with_registry_adapters(config: ServingConfig) -> ServingConfig:
+    """`registry_adapters` (`NAME`, `NAME@v3`, `NAME@prod`) resolved in `storage` and added to `adapters`.
+
+    Each is served under its registry name; the folder is the immutable version the reference names now.
+    """
+    if not config.registry_adapters:
+        return config
+    from lorafleet.registry import resolve
+
+    adapters = dict(config.adapters)
+    problems = []
+    for reference in config.registry_adapters:
+        try:
+            found = resolve(config.storage_uri, reference)
+        except LorafleetError as exc:
+            problems.append(Problem(f"adapters {reference}", str(exc)))
+            continue
+        if found.name in adapters:
+            problems.append(Problem(f"adapters {reference}", f"{found.name!r} is also given with --adapter"))
+            continue
+        adapters[found.name] = str(found.path)
+    if problems:
+        raise ConfigError(f"registry {config.storage_uri}", problems)
+    return config.model_copy(update={"adapters": adapters, "registry_adapters": []})

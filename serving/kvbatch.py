@@ -1,0 +1,84 @@
+"""A running batch: sequences that decode together, with one left-padded KV cache.
+
+Sequences join after their prefill (`extend`: both caches are left-padded to the same length and stacked) and
+leave when they finish (`keep`: rows are selected, then columns that are padding for every row are trimmed).
+Each row's position is the number of real cache entries before it, so padding never shifts positions, and
+virtual tokens (prompt tuning, prefix tuning) count as positions, as PEFT counts them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+
+def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def make_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=tensors)
+
+
+@dataclass
+class RunningBatch:
+    rows: list[Any]  # the engine's sequences, one per batch row
+    cache: DynamicCache
+    mask: torch.Tensor  # [rows, cache length]: 1 real entry, 0 padding
+    next_tokens: torch.Tensor  # [rows]: sampled, not yet fed to the model
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def step_inputs(self) -> dict[str, torch.Tensor | DynamicCache]:
+        """Model kwargs that feed `next_tokens` and grow every row by one entry."""
+        ones = torch.ones(len(self.rows), 1, dtype=self.mask.dtype)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        positions = self.mask.sum(dim=1, keepdim=True) - 1
+        return {
+            "input_ids": self.next_tokens[:, None],
+            "attention_mask": self.mask,
+            "position_ids": positions,
+            "past_key_values": self.cache,
+        }
+
+    def extend(self, other: RunningBatch) -> None:
+        length = max(self.mask.shape[1], other.mask.shape[1])
+        merged = []
+        for (k1, v1), (k2, v2) in zip(cache_tensors(self.cache), cache_tensors(other.cache), strict=True):
+            merged.append(
+                (
+                    torch.cat([_left_pad(k1, length), _left_pad(k2, length)], dim=0),
+                    torch.cat([_left_pad(v1, length), _left_pad(v2, length)], dim=0),
+                )
+            )
+        self.cache = make_cache(merged)
+        self.mask = torch.cat([_left_pad_mask(self.mask, length), _left_pad_mask(other.mask, length)], dim=0)
+        self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
+        self.rows = self.rows + other.rows
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only these rows (in this order); drop columns that became padding everywhere."""
+        index = torch.tensor(indices, dtype=torch.long)
+        mask = self.mask[index]
+        used = mask.sum(dim=0).nonzero()
+        start = int(used[0]) if len(used) else mask.shape[1]
+        self.cache = make_cache([(k[index, :, start:], v[index, :, start:]) for k, v in cache_tensors(self.cache)])
+        self.mask = mask[:, start:]
+        self.next_tokens = self.next_tokens[index]
+        self.rows = [self.rows[i] for i in indices]
+
+
+def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """[batch, heads, seq, dim] → zero-padded on the left of `seq` to `length`."""
+    missing = length - tensor.shape[2]
+    return F.pad(tensor, (0, 0, missing, 0)) if missing else tensor
+
+
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - mask.shape[1]
+    return F.pad(mask, (missing, 0)) if missing else mask

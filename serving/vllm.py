@@ -1,0 +1,88 @@
+"""The vLLM engine: render the `vllm serve` command for a ServingConfig, and exec it.
+
+    lorafleet serve --engine vllm --base meta-llama/Llama-3.1-8B-Instruct --adapter pricing=/adapters/pricing/v3 \
+        --max-loras 4 --print-command
+
+Flag order is fixed (the Helm chart renders the same argv, in the same order):
+
+    vllm serve BASE --host H --port P --enable-lora [--lora-modules NAME=PATH ...] --max-loras N
+        --max-lora-rank R [--max-cpu-loras C] [--served-model-name ID] [--max-model-len L] [--dtype D] [VLLM_ARGS...]
+
+Facts checked against vLLM 0.33.0's source (vllm/engine/arg_utils.py, vllm/config/lora.py,
+vllm/entrypoints/common/cli_args.py, vllm/envs.py):
+- `--lora-modules` takes several values after one flag (nargs="+"); repeating the flag keeps only the last one,
+  so every adapter goes after a single `--lora-modules`. Values are `name=path`, or JSON
+  `{"name", "path", "base_model_name"}` (used here when the path holds a ',', which the short form can't carry).
+- `--max-lora-rank` is one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (default 16); `--max-loras` >= 1 (default 1);
+  `--max-cpu-loras` >= max-loras (default: max-loras); `--dtype` auto|half|float16|bfloat16|float|float32.
+- `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` exist only with `VLLM_ALLOW_RUNTIME_LORA_UPDATING` set to
+  1/true. The API key travels as `VLLM_API_KEY` (read when `--api-key` is absent), so it never shows in `ps` or
+  in `--print-command`; vLLM guards /v1/* with it (not /health, not /metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from lorafleet.errors import LorafleetError
+from serving.config import ServingConfig
+
+VLLM_VERSION = "0.33.0"
+
+
+class VllmNotInstalled(LorafleetError):
+    exit_code = 2
+
+
+def base_argument(config: ServingConfig) -> str:
+    """What vLLM loads: a builtin model's provisioned folder, anything else verbatim (a pod path or a hub id)."""
+    from lorafleet.models import is_builtin, resolve_model
+
+    return resolve_model(config.base, provision=False) if is_builtin(config.base) else config.base
+
+
+def lora_module(name: str, path: str) -> str:
+    if "," in path:
+        return json.dumps({"name": name, "path": path}, separators=(",", ":"))
+    return f"{name}={path}"
+
+
+def render_vllm_command(config: ServingConfig) -> list[str]:
+    """The `vllm serve` argv for `config` (pure: reads no files but a builtin base's cache folder)."""
+    base = base_argument(config)
+    argv = ["vllm", "serve", base, "--host", config.host, "--port", str(config.port), "--enable-lora"]
+    if config.adapters:
+        argv += ["--lora-modules", *(lora_module(name, path) for name, path in sorted(config.adapters.items()))]
+    argv += ["--max-loras", str(config.max_loras), "--max-lora-rank", str(config.max_lora_rank)]
+    if config.max_cpu_loras is not None:
+        argv += ["--max-cpu-loras", str(config.max_cpu_loras)]
+    if config.model_id != base:
+        argv += ["--served-model-name", config.model_id]
+    if config.max_model_len is not None:
+        argv += ["--max-model-len", str(config.max_model_len)]
+    if config.dtype != "auto":
+        argv += ["--dtype", config.dtype]
+    return argv + list(config.vllm_args)
+
+
+def vllm_environment(config: ServingConfig) -> dict[str, str]:
+    """Environment variables to add for vLLM (runtime adapter loading, the API key)."""
+    env = {}
+    if config.runtime_lora_updating:
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if config.api_key:
+        env["VLLM_API_KEY"] = config.api_key
+    return env
+
+
+def exec_vllm(config: ServingConfig) -> None:
+    """Replace this process with vLLM (never returns), or explain how to get it."""
+    argv = render_vllm_command(config)
+    if shutil.which(argv[0]) is None:
+        raise VllmNotInstalled(
+            f"vLLM is not installed here: `pip install vllm=={VLLM_VERSION}` (Linux with an NVIDIA GPU), "
+            "or serve with the CPU engine: `lorafleet serve --engine cpu ...`"
+        )
+    os.execvpe(argv[0], argv, {**os.environ, **vllm_environment(config)})

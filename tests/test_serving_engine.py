@@ -1,0 +1,360 @@
+"""The CPU engine without HTTP: mixed-adapter batches give each adapter's own outputs, sampling, stops, reloads.
+
+References are plain PEFT: `PeftModel.from_pretrained(base, adapter)` + `set_adapter` + greedy `generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from serving.adapters import AdapterError, inspect_adapter
+from serving.batcher import EngineStopped, QueueFull
+from serving.config import ServingConfig
+from serving.engine import CPUEngine, GenerationRequest, UnknownModel
+from serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
+from serving.testing import make_adapter
+
+PROMPTS = ["Hello there", "The quick brown fox jumps over", "x"]
+KINDS = {"a": "lora", "b": "lora-all", "d": "dora", "pt": "prompt", "px": "prefix", "pe": "ptuning"}
+NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("engine-adapters")
+    for seed, (name, method) in enumerate(KINDS.items(), start=1):
+        make_adapter(tiny_model_dir, root / name, method, seed=seed)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, adapter_dir):
+    config = ServingConfig(
+        base=tiny_model_dir,
+        served_model_name="tiny",
+        adapters={name: str(adapter_dir / name) for name in KINDS},
+        max_loras=8,
+        max_batch_size=16,
+        torch_threads=1,
+    )
+    engine = CPUEngine(config)
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, adapter_dir, engine) -> dict[str, list[str]]:
+    """Greedy continuations of PROMPTS by plain PEFT, per adapter ("tiny" = the base)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def greedy(model) -> list[str]:
+        outs = []
+        for prompt in PROMPTS:
+            ids = engine.tokenizer(prompt, return_tensors="pt")
+            out = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
+            outs.append(engine.tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True))
+        return outs
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread is faster, and steadier on a busy machine
+    refs = {"tiny": greedy(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())}
+    loras = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir / "a", "a")
+    loras.load_adapter(adapter_dir / "b", "b")
+    loras.load_adapter(adapter_dir / "d", "d")
+    loras.eval()
+    for name in ("a", "b", "d"):
+        loras.set_adapter(name)
+        refs[name] = greedy(loras)
+    for name in ("pt", "px", "pe"):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir / name)
+        refs[name] = greedy(model.eval())
+    torch.set_num_threads(threads)
+    return refs
+
+
+async def _generate(engine: CPUEngine, prompt: str, model: str, params: SamplingParams, delay: float = 0):
+    await asyncio.sleep(delay)
+    ids = engine.tokenizer(prompt).input_ids
+    stream = engine.submit(GenerationRequest(ids, model, params), asyncio.get_running_loop())
+    text, last = [], None
+    async for delta in stream:
+        if delta.error:
+            raise delta.error
+        text.append(delta.text)
+        last = delta
+    return "".join(text), last
+
+
+def run(engine, prompt, model, params):
+    return asyncio.run(_generate(engine, prompt, model, params))
+
+
+def run_many(engine, jobs):
+    async def main():
+        return await asyncio.gather(*(_generate(engine, *job) for job in jobs))
+
+    return asyncio.run(main())
+
+
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+
+
+def test_adapters_change_outputs(references):
+    texts = [tuple(outs) for outs in references.values()]
+    assert len(set(texts)) == len(texts), "every adapter should answer differently from the others and the base"
+
+
+def test_each_adapter_alone_matches_peft(engine, references):
+    for model, expected in references.items():
+        got = [run(engine, prompt, model, GREEDY)[0] for prompt in PROMPTS]
+        assert got == expected, model
+
+
+def test_mixed_batch_matches_peft_and_joins_midway(engine, references):
+    """All adapters and the base, concurrently, staggered so newcomers join a running batch."""
+    jobs, expected = [], []
+    for i, (model, outs) in enumerate(references.items()):
+        for j, prompt in enumerate(PROMPTS):
+            jobs.append((prompt, model, GREEDY, 0.004 * (i * len(PROMPTS) + j)))
+            expected.append(outs[j])
+    results = run_many(engine, jobs)
+    assert [text for text, _ in results] == expected
+    assert all(last.finish_reason == "length" and last.completion_tokens == NEW_TOKENS for _, last in results)
+
+
+def test_iteration_level_batching_overlaps_requests(engine):
+    """A short request sent while a long one runs finishes first (it joined the running batch)."""
+    long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    short = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    finished = []
+
+    async def timed(prompt, model, params, delay):
+        result = await _generate(engine, prompt, model, params, delay)
+        finished.append(model)
+        return result
+
+    async def main():
+        await asyncio.gather(timed("long one", "a", long, 0), timed("short", "b", short, 0.05))
+
+    asyncio.run(main())
+    assert finished == ["b", "a"]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    first = run(engine, "Hello there", "a", params)[0]
+    alone_again = run(engine, "Hello there", "a", params)[0]
+    with_traffic = run_many(engine, [("Hello there", "a", params), ("other", "b", GREEDY), ("x", "pt", GREEDY)])[0][0]
+    other_seed = run(engine, "Hello there", "a", SamplingParams(max_tokens=12, temperature=1.0, seed=99))[0]
+    assert first == alone_again == with_traffic
+    assert other_seed != first
+
+
+def test_stop_string_cuts_the_text(engine, references):
+    model, index, full, at = next(
+        (model, index, text, at)
+        for model, outs in references.items()
+        for index, text in enumerate(outs)
+        for at in range(1, len(text) - 2)
+        if "\ufffd" not in text[: at + 2] and text.index(text[at : at + 2]) == at
+    )
+    stop = full[at : at + 2]
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, stop=("never", stop), ignore_eos=True)
+    text, last = run(engine, PROMPTS[index], model, params)
+    assert text == full[:at]
+    assert (last.finish_reason, last.stop_reason) == ("stop", stop)
+
+
+def test_eos_ends_the_sequence_unless_ignored(engine):
+    saved = engine._eos
+    engine._eos = set(range(len(engine.tokenizer)))  # whatever comes first is an end-of-text token
+    try:
+        text, last = run(engine, PROMPTS[0], "a", SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
+        assert (text, last.finish_reason, last.stop_reason, last.completion_tokens) == ("", "stop", None, 1)
+        text, last = run(engine, PROMPTS[0], "a", GREEDY)
+        assert (last.finish_reason, last.completion_tokens) == ("length", NEW_TOKENS)
+    finally:
+        engine._eos = saved
+
+
+def test_reload_in_place_never_serves_stale_weights(engine, adapter_dir, references):
+    async def main():
+        await engine.load_adapter("swap", str(adapter_dir / "a"))
+        before = (await _generate(engine, PROMPTS[0], "swap", GREEDY))[0]
+        with pytest.raises(AdapterError, match="already been loaded"):
+            await engine.load_adapter("swap", str(adapter_dir / "b"))
+        await engine.load_adapter("swap", str(adapter_dir / "b"), replace=True)
+        after = (await _generate(engine, PROMPTS[0], "swap", GREEDY))[0]
+        await engine.unload_adapter("swap")
+        return before, after
+
+    peft_names_before = set(engine.store.peft.peft_config)
+    before, after = asyncio.run(main())
+    assert (before, after) == (references["a"][0], references["b"][0])
+    assert set(engine.store.peft.peft_config) == peft_names_before, "replaced and unloaded weights are deleted"
+    with pytest.raises(UnknownModel):
+        run(engine, PROMPTS[0], "swap", GREEDY)
+
+
+def test_failed_load_leaves_nothing_behind(engine, tiny_model_dir, adapter_dir, tmp_path, references):
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter_dir / "a", broken)  # says r=8 ...
+    rank4 = make_adapter(tiny_model_dir, tmp_path / "rank4", "lora", rank=4)
+    shutil.copy(rank4 / "adapter_model.safetensors", broken / "adapter_model.safetensors")  # ... holds r=4
+    config = engine.config.model_copy(update={"adapter_roots": [str(tmp_path)]})
+    peft_names = set(engine.store.peft.peft_config)
+
+    async def load():
+        original, engine.config = engine.config, config
+        try:
+            await engine.load_adapter("broken", str(broken))
+        finally:
+            engine.config = original
+
+    with pytest.raises(AdapterError, match="could not be loaded"):
+        asyncio.run(load())
+    assert set(engine.store.peft.peft_config) == peft_names and not engine.has_model("broken")
+    assert run(engine, PROMPTS[0], "a", GREEDY)[0] == references["a"][0]
+
+
+def test_unknown_model(engine):
+    with pytest.raises(UnknownModel, match="The model `nope` does not exist."):
+        run(engine, "x", "nope", GREEDY)
+
+
+def test_max_loras_and_queue_bound(tiny_model_dir, adapter_dir, references):
+    config = ServingConfig(
+        base=tiny_model_dir,
+        served_model_name="tiny",
+        adapters={"a": str(adapter_dir / "a"), "b": str(adapter_dir / "b")},
+        max_loras=1,
+        max_batch_size=4,
+        max_queue=3,
+        torch_threads=1,
+    )
+    engine = CPUEngine(config)
+    engine.start()
+    try:
+        results = run_many(engine, [(PROMPTS[0], "a", GREEDY), (PROMPTS[0], "b", GREEDY), (PROMPTS[0], "a", GREEDY)])
+        assert [text for text, _ in results] == [references["a"][0], references["b"][0], references["a"][0]]
+
+        async def flood():
+            long = SamplingParams(max_tokens=300, temperature=0, ignore_eos=True)
+            outcomes = []
+            for _ in range(10):
+                try:
+                    engine.submit(GenerationRequest([1, 2, 3], "a", long), asyncio.get_running_loop())
+                    outcomes.append("ok")
+                except QueueFull:
+                    outcomes.append("full")
+            return outcomes
+
+        outcomes = asyncio.run(flood())
+        assert outcomes.count("full") >= 10 - 4 - 3
+    finally:
+        engine.shutdown(timeout=0.5)
+    with pytest.raises(EngineStopped):
+        run(engine, "x", "a", GREEDY)
+
+
+def test_shutdown_finishes_in_flight_requests(tiny_model_dir):
+    engine = CPUEngine(ServingConfig(base=tiny_model_dir, max_batch_size=2, torch_threads=1))
+    engine.start()
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+
+    async def main():
+        tasks = [asyncio.create_task(_generate(engine, f"p{i}", engine.config.model_id, params)) for i in range(4)]
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(engine.shutdown)
+        return await asyncio.gather(*tasks)
+
+    results = asyncio.run(main())
+    assert [last.finish_reason for _, last in results] == ["length"] * 4
+
+
+def test_adapter_checks(tiny_model_dir, adapter_dir, tmp_path):
+    config = ServingConfig(base=tiny_model_dir, adapter_roots=[str(adapter_dir), str(tmp_path)])
+    assert inspect_adapter("ok", adapter_dir / "a", config).kind == "lora"
+    assert inspect_adapter("ok", adapter_dir / "d", config).kind == "dora"
+    assert inspect_adapter("ok", adapter_dir / "px", config).kind == "prefix"
+    with pytest.raises(AdapterError, match="invalid adapter name"):
+        inspect_adapter("../a", adapter_dir / "a", config)
+    with pytest.raises(AdapterError, match="outside the allowed adapter roots"):
+        inspect_adapter("x", adapter_dir / ".." / ".." / "elsewhere", config)
+    link = tmp_path / "sneaky"
+    link.symlink_to(Path(tiny_model_dir).parent)
+    with pytest.raises(AdapterError, match="outside the allowed adapter roots"):
+        inspect_adapter("x", link, config)
+    other = tmp_path / "other-base"
+    shutil.copytree(adapter_dir / "a", other)
+    cfg = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "org/other"}))
+    with pytest.raises(AdapterError, match="differs from the server's"):
+        inspect_adapter("x", other, config)
+    strict = config.model_copy(update={"max_lora_rank": 1})
+    with pytest.raises(AdapterError, match="max_lora_rank"):
+        inspect_adapter("x", adapter_dir / "a", strict)
+    (other / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(AdapterError, match="IA3"):
+        inspect_adapter("x", other, config)
+
+
+class ByteTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def test_text_tracker_holds_back_partial_stops_and_characters():
+    tracker = TextTracker(ByteTokenizer(), stop=("END",))
+    pieces = [tracker.push(b) for b in b"ab EN"]
+    assert "".join(p for p, _ in pieces) == "ab "  # "EN" may start "END": held back
+    assert tracker.push(ord("D")) == ("", "END")
+    tracker = TextTracker(ByteTokenizer(), stop=("END",))
+    for b in b"ab EN":
+        tracker.push(b)
+    assert tracker.push(ord("x")) == ("ENx", None)  # not a stop after all: released
+    tracker = TextTracker(ByteTokenizer())
+    first, _ = tracker.push("é".encode()[0])
+    second, _ = tracker.push("é".encode()[1])
+    assert (first, second) == ("", "é")  # half a UTF-8 character is never streamed
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = torch.randn(3, 50)
+    params = [SamplingParams(max_tokens=1, temperature=1.0, top_k=1)] * 2 + [
+        SamplingParams(max_tokens=1, temperature=0.7, top_p=1e-6)
+    ]
+    chosen = choose_tokens(logits, params, [make_generator(i) for i in range(3)])
+    assert chosen == logits.argmax(-1).tolist()
+
+
+def test_registry_adapters_resolve_to_published_versions(tiny_model_dir, adapter_dir, tmp_path, references):
+    """`lorafleet serve --storage URI --adapters NAME@ALIAS`: served under the registry name, from the version."""
+    from lorafleet.errors import ConfigError
+    from lorafleet.registry import publish_adapter
+    from serving.config import with_registry_adapters
+
+    storage = tmp_path / "storage"
+    published = publish_adapter(str(storage), "pricing", adapter_dir / "a")
+    config = with_registry_adapters(
+        ServingConfig(base=tiny_model_dir, storage=str(storage), registry_adapters=["pricing@latest"], torch_threads=1)
+    )
+    assert config.adapters == {"pricing": str(published.path)}
+    engine = CPUEngine(config)  # default roots: the storage root holds the registry
+    engine.start()
+    try:
+        assert run(engine, PROMPTS[0], "pricing", GREEDY)[0] == references["a"][0]
+    finally:
+        engine.shutdown()
+    with pytest.raises(ConfigError, match="pricing@prod"):
+        with_registry_adapters(
+            ServingConfig(base=tiny_model_dir, storage=str(storage), registry_adapters=["pricing@prod"])
+        )

@@ -1,0 +1,136 @@
+"""`serving.vllm`: the rendered `vllm serve` argv, its environment, and the config rules vLLM enforces.
+
+Flags were checked against vLLM 0.33.0's source (see serving/vllm.py): one `--lora-modules` followed by every
+`name=path` (the option is nargs="+"; a repeated flag keeps only its last values), `--max-lora-rank` among
+1, 8, 16, 32, 64, 128, 256, 320, 512, `--max-cpu-loras >= --max-loras`, runtime loading behind
+VLLM_ALLOW_RUNTIME_LORA_UPDATING.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from lorafleet.errors import ConfigError
+from serving.config import ServingConfig, build_serving_config
+from serving.vllm import VLLM_VERSION, render_vllm_command, vllm_environment
+from tests.conftest import run_cli
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_targets_vllm_0_33():
+    assert VLLM_VERSION == "0.33.0"
+
+
+def test_minimal_command():
+    argv = render_vllm_command(ServingConfig(engine="vllm", base=LLAMA))
+    assert argv == [
+        "vllm", "serve", LLAMA, "--host", "127.0.0.1", "--port", "8000", "--enable-lora",
+        "--max-loras", "4", "--max-lora-rank", "16",
+    ]  # fmt: skip
+
+
+def test_full_command_in_documented_order():
+    config = ServingConfig(
+        engine="vllm",
+        base=LLAMA,
+        served_model_name="llama-8b",
+        adapters={"support": "/adapters/support/v2", "pricing": "/adapters/pricing/v3"},
+        host="0.0.0.0",
+        port=9000,
+        max_loras=8,
+        max_lora_rank=64,
+        max_cpu_loras=32,
+        max_model_len=8192,
+        dtype="bfloat16",
+        vllm_args=["--gpu-memory-utilization", "0.9"],
+    )
+    assert render_vllm_command(config) == [
+        "vllm", "serve", LLAMA, "--host", "0.0.0.0", "--port", "9000", "--enable-lora",
+        "--lora-modules", "pricing=/adapters/pricing/v3", "support=/adapters/support/v2",
+        "--max-loras", "8", "--max-lora-rank", "64", "--max-cpu-loras", "32",
+        "--served-model-name", "llama-8b", "--max-model-len", "8192", "--dtype", "bfloat16",
+        "--gpu-memory-utilization", "0.9",
+    ]  # fmt: skip
+
+
+def test_lora_modules_is_one_flag_and_json_when_the_path_has_a_comma():
+    argv = render_vllm_command(ServingConfig(base=LLAMA, adapters={"a": "/x/a", "b": "/odd,path/b"}))
+    assert argv.count("--lora-modules") == 1
+    start = argv.index("--lora-modules") + 1
+    assert argv[start] == "a=/x/a"
+    assert json.loads(argv[start + 1]) == {"name": "b", "path": "/odd,path/b"}
+    assert argv[start + 2] == "--max-loras"
+
+
+def test_builtin_base_is_served_under_its_reference(tiny_model_dir):
+    argv = render_vllm_command(ServingConfig(base="builtin:tiny-llama"))
+    assert argv[2] == tiny_model_dir
+    assert argv[argv.index("--served-model-name") + 1] == "builtin:tiny-llama"
+
+
+def test_environment():
+    assert vllm_environment(ServingConfig(base=LLAMA)) == {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+    assert vllm_environment(ServingConfig(base=LLAMA, runtime_lora_updating=False)) == {}
+    config = ServingConfig(base=LLAMA, api_key="s3cret")
+    assert vllm_environment(config)["VLLM_API_KEY"] == "s3cret"
+    assert "s3cret" not in " ".join(render_vllm_command(config)), "the key never shows in argv (ps, logs)"
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16, 32, 64, 128, 256, 320, 512])
+def test_max_lora_rank_accepts_vllm_choices(rank):
+    assert render_vllm_command(ServingConfig(base=LLAMA, max_lora_rank=rank))[-1] == str(rank)
+
+
+@pytest.mark.parametrize("rank", [0, 2, 4, 12, 100, 1024])
+def test_max_lora_rank_refuses_other_values(rank):
+    with pytest.raises(ValueError, match="not a rank vLLM accepts"):
+        ServingConfig(base=LLAMA, max_lora_rank=rank)
+
+
+def test_max_cpu_loras_at_least_max_loras():
+    assert ServingConfig(base=LLAMA, max_loras=4, max_cpu_loras=4).max_cpu_loras == 4
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(2\) must be >= max_loras \(4\)"):
+        ServingConfig(base=LLAMA, max_loras=4, max_cpu_loras=2)
+
+
+@pytest.mark.parametrize("name", ["Upper", "../up", "a/b", "", "-dash", "x" * 64, "a..b"])
+def test_adapter_names_are_checked(name):
+    with pytest.raises(ValueError, match="invalid adapter name"):
+        ServingConfig(base=LLAMA, adapters={name: "/x"})
+
+
+def test_yaml_with_flag_overrides_and_located_errors(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(f"engine: vllm\nbase: {LLAMA}\nmax_loras: 2\nadapters:\n  a: /x/a\n")
+    config = build_serving_config(path, {"max_loras": 6, "adapters": {"b": "/x/b"}, "port": None})
+    assert (config.max_loras, config.port, config.adapters) == (6, 8000, {"a": "/x/a", "b": "/x/b"})
+    path.write_text(f"base: {LLAMA}\nmax_lora_rank: 12\nmax_lorass: 2\n")
+    with pytest.raises(ConfigError) as error:
+        build_serving_config(path, {})
+    message = str(error.value)
+    assert f"{path}:2 max_lora_rank" in message and f"{path}:3 max_lorass: unknown key" in message
+
+
+def test_cli_print_command(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text(f"engine: vllm\nbase: {LLAMA}\nadapters:\n  pricing: /adapters/pricing/v3\n")
+    result = run_cli("serve", "--config", str(path), "--max-loras", "2", "--port", "9001", "--print-command")
+    assert result.returncode == 0, result.stderr
+    expected = build_serving_config(path, {"max_loras": 2, "port": 9001})
+    assert result.stdout.strip() == shlex.join(render_vllm_command(expected))
+    assert result.stdout.count("\n") == 1
+
+
+def test_cli_without_vllm_installed_explains(tmp_path):
+    result = run_cli("serve", "--engine", "vllm", "--base", LLAMA, env={"PATH": str(tmp_path)})
+    assert result.returncode == 2
+    assert f"pip install vllm=={VLLM_VERSION}" in result.stderr and "--engine cpu" in result.stderr
+
+
+def test_cli_rejects_bad_rank_with_exit_2():
+    result = run_cli("serve", "--engine", "vllm", "--base", LLAMA, "--max-lora-rank", "12", "--print-command")
+    assert result.returncode == 2 and "not a rank vLLM accepts" in result.stderr

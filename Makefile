@@ -43,8 +43,8 @@ model: $(STAMP) ## convert the embedded default model (SmolLM2-135M-Instruct GGU
 data: $(STAMP) ## generate the demo datasets into the cache
 	$(BIN)/lorafleet data make-demo
 
-demo: model data ## run the demo job on the embedded default
-	$(BIN)/lorafleet train configs/demo.yaml
+demo: model data ## the whole loop on the embedded default: train 2 adapters, eval, publish, serve, ask
+	$(BIN)/lorafleet demo
 
 test: $(STAMP) tools ## run every test (slow end-to-end ones too)
 	$(BIN)/python -m pytest -q -ra

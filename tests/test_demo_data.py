@@ -170,7 +170,8 @@ def test_builtin_reference_generates_once_then_reuses(tmp_path: Path, monkeypatc
     assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns
     assert resolve_builtin_dataset("builtin:price/train") == path
     assert resolve_builtin_dataset("builtin:price/test") == path.with_name("test.jsonl")
-    assert resolve_builtin_dataset("builtin:support/test") == tmp_path / "home" / "data" / "demo-v1" / "support" / "test.jsonl"
+    support_test = tmp_path / "home" / "data" / "demo-v1" / "support" / "test.jsonl"
+    assert resolve_builtin_dataset("builtin:support/test") == support_test
     expected = make_demo_datasets(tmp_path / "seed0", seed=0)
     assert path.read_bytes() == expected["price"]["train"].read_bytes()
     assert len(read_rows(path)) == 3000

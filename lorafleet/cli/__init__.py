@@ -12,7 +12,7 @@ import sys
 
 import typer
 
-from lorafleet.cli import data, models, train, validate
+from lorafleet.cli import data, demo, evaluate, jobs, merge, models, registry, render, serve, submit, train, validate
 from lorafleet.errors import LorafleetError
 
 app = typer.Typer(
@@ -23,27 +23,31 @@ app = typer.Typer(
     add_completion=False,
 )
 app.command("validate")(validate.validate)
+app.command("demo")(demo.demo)
 app.command("train")(train.train)
+app.command("eval")(evaluate.evaluate)
+app.command("merge")(merge.merge)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
+app.add_typer(registry.app, name="registry")
+app.command("publish")(registry.publish)
+app.command("promote")(registry.promote)
+app.command("rollback")(registry.rollback)
+app.command("compose")(registry.compose)
+app.command("submit")(submit.submit)
+app.add_typer(jobs.app, name="jobs")
+app.add_typer(render.app, name="render")
+app.command("serve")(serve.serve)
 
 
 def main() -> None:
-    """Console entry point: user mistakes print a clear message and an exit code, not a traceback."""
+    """Console entry point: user mistakes print a clear message and an exit code, not a traceback.
+
+    Typer's standalone mode already turns usage errors into exit 2 and `typer.Exit(n)` into exit n;
+    our own errors carry their exit code.
+    """
     try:
-        app(standalone_mode=False)
+        app()
     except LorafleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except Exception as exc:  # click's usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise

@@ -1,0 +1,5 @@
+"""`python -m lorafleet` = the `lorafleet` command."""
+
+from lorafleet.cli import main
+
+main()

@@ -1,0 +1,117 @@
+"""`lorafleet demo`: the whole loop on the embedded default, each step a real lorafleet command.
+
+    make demo        (or: lorafleet demo)
+
+data → train two adapters (price, support) on 2 Ray workers → evaluate each against the base → publish
+to the registry → serve both on one base (CPU engine) → ask each a question through the official
+`openai` client → stop the server. Every step prints the command it runs, so it can be replayed by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+from lorafleet.errors import LorafleetError
+from lorafleet.paths import default_storage_uri
+
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+DEMO_JOBS = (("price", "demo.yaml"), ("support", "demo-support.yaml"))
+QUESTIONS = {
+    "price": "Estimate the price of this product in US dollars.\n\n"
+    "Lumora's large standing desk made of solid oak. It offers a built-in cable tray and a motorized lift.",
+    "support": "Classify this support ticket and write a one-sentence reply.\n\n"
+    "Hi, I was charged twice for order #482913 this morning. Please fix this.",
+}
+
+
+def demo(
+    storage: str = typer.Option(None, "--storage", help="Storage root for runs and the registry (default: cache)."),
+    configs: Path = typer.Option(REPO_CONFIGS, "--configs", help="Folder with demo.yaml and demo-support.yaml."),
+    port: int = typer.Option(0, "--port", help="Port for the demo server (0: any free port)."),
+    eval_examples: int = typer.Option(100, "--eval-examples", help="Test examples per evaluation."),
+) -> None:
+    """Train, evaluate, publish and serve the two demo adapters, then ask each a question."""
+    storage = storage or default_storage_uri()
+    run_ids: dict[str, str] = {}
+    for name, config_file in DEMO_JOBS:
+        run_ids[name] = run_id = f"demo-{name}"
+        if _run_finished(storage, run_id):
+            typer.echo(f"\n{run_id} is already trained in {storage}: reusing it")
+            continue
+        # An unfinished run with this id resumes from its last checkpoint.
+        _step("lorafleet", "train", str(configs / config_file), "--set", f"storage.uri={storage}", "--run-id", run_id)
+    for name, run_id in run_ids.items():
+        _step("lorafleet", "eval", run_id, "--storage", storage, "--max-examples", str(eval_examples))
+        _step("lorafleet", "publish", run_id, "--name", name, "--storage", storage)
+    port = port or _free_port()
+    server = _start_server(storage, ",".join(run_ids), port)
+    try:
+        _ask_each_adapter(port, list(run_ids))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    typer.echo("\nreports:")
+    for run_id in run_ids.values():
+        typer.echo(f"  {storage}/runs/{run_id}/report/eval.md (plots beside it)")
+
+
+def _run_finished(storage: str, run_id: str) -> bool:
+    run_dir = Path(storage) / "runs" / run_id
+    return (run_dir / "run.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def _step(*command: str) -> None:
+    typer.secho(f"\n$ {shlex.join(command)}", bold=True)
+    result = subprocess.run([sys.executable, "-m", "lorafleet", *command[1:]], check=False)
+    if result.returncode != 0:
+        raise LorafleetError(f"demo step failed (exit {result.returncode}): {shlex.join(command)}")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_server(storage: str, adapters: str, port: int) -> subprocess.Popen:
+    command = ["lorafleet", "serve", "--engine", "cpu", "--storage", storage, "--adapters", adapters,
+               "--host", "127.0.0.1", "--port", str(port)]
+    typer.secho(f"\n$ {shlex.join(command)} &", bold=True)
+    server = subprocess.Popen([sys.executable, "-m", "lorafleet", *command[1:]], env=os.environ.copy())
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise LorafleetError(f"the demo server exited with {server.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    server.terminate()
+    raise LorafleetError("the demo server did not become healthy within 300 s")
+
+
+def _ask_each_adapter(port: int, adapters: list[str]) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    models = [model.id for model in client.models.list().data]
+    typer.echo(f"\nserved models: {', '.join(models)}")
+    for adapter in adapters:
+        question = QUESTIONS[adapter]
+        answer = client.chat.completions.create(
+            model=adapter, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+        )
+        typer.secho(f"\n[{adapter}] {question}", fg="cyan")
+        typer.echo(f"→ {answer.choices[0].message.content}")

@@ -4,6 +4,7 @@
         client.load_adapter("pricing", "/storage/adapters/pricing/v3")
         client.adapters()          # {"pricing": "/storage/adapters/pricing/v3"}
         client.unload_adapter("pricing")
+        client.probe("pricing")    # a 1-token completion: does the adapter answer?
 
 Generation goes through the official `openai` client (`base_url=<url>/v1`); this one is what adapter sync uses.
 Errors raise `ServingAPIError` with the HTTP status and the server's OpenAI-shaped message.
@@ -58,6 +59,19 @@ class ServingClient:
     def unload_adapter(self, name: str) -> str:
         body = UnloadLoraAdapterRequest(lora_name=name)
         return self._check(self.http.post("/v1/unload_lora_adapter", json=body.model_dump(exclude_none=True))).text
+
+    def probe(self, model: str, prompt: str = "Hello", *, seed: int = 0) -> str:
+        """A 1-token completion from `model`; returns its text, raises ServingAPIError if it does not answer.
+
+        Sampled (temperature 1, fixed seed) rather than greedy: on the CPU engine, NaN/inf logits from a diverged
+        adapter then fail the draw with a 500 instead of quietly yielding token 0.
+        """
+        body = {"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 1.0, "seed": seed}
+        answer = self._check(self.http.post("/v1/completions", json=body)).json()
+        choices = answer.get("choices") if isinstance(answer, dict) else None
+        if not choices or not isinstance(choices[0], dict) or "text" not in choices[0]:
+            raise ServingAPIError(502, f"the probe of {model!r} got no completion back: {str(answer)[:200]}")
+        return choices[0]["text"]
 
     def close(self) -> None:
         self.http.close()

@@ -14,6 +14,35 @@ import typer
 
 from lorafleet.errors import ConfigError, Problem
 
+# The options that pick the base model and its adapters; `lorafleet batch` takes the same ones.
+BaseOption = typer.Option(None, "--base", help="Base model: builtin:<name>, a local folder or a hub id.")
+AdapterOption = typer.Option(None, "--adapter", help="NAME=PATH of an adapter to load at start. Repeatable.")
+AdaptersOption = typer.Option(None, "--adapters", help="Registry adapters NAME[@ALIAS],... (in --storage).")
+StorageOption = typer.Option(None, "--storage", help="Shared storage URI holding the registry.")
+ConfigOption = typer.Option(None, "--config", dir_okay=False, help="Serving YAML; flags override it.")
+
+
+def split_list(text: str | None) -> list[str]:
+    """A comma-separated flag value (`a, b@prod`) as its non-empty items."""
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def serving_settings(config: Path | None, overrides: dict):
+    """The ServingConfig of YAML + flags, with `--adapters` resolved in the registry (every problem at once)."""
+    from serving.config import build_serving_config, with_registry_adapters
+
+    return with_registry_adapters(build_serving_config(config, overrides))
+
+
+def model_overrides(base: str | None, adapter: list[str] | None, adapters: str | None, storage: str | None) -> dict:
+    """The flags of the shared options, as ServingConfig overrides."""
+    return {
+        "base": base,
+        "adapters": _pairs(adapter),
+        "registry_adapters": split_list(adapters),
+        "storage": storage,
+    }
+
 
 def _pairs(values: list[str] | None) -> dict[str, str]:
     pairs, problems = {}, []
@@ -30,10 +59,10 @@ def _pairs(values: list[str] | None) -> dict[str, str]:
 
 def serve(
     engine: str = typer.Option(None, "--engine", help="cpu (transformers + PEFT, here) or vllm (exec vllm serve)."),
-    base: str = typer.Option(None, "--base", help="Base model: builtin:<name>, a local folder or a hub id."),
-    adapter: list[str] = typer.Option(None, "--adapter", help="NAME=PATH of an adapter to load at start. Repeatable."),
-    adapters: str = typer.Option(None, "--adapters", help="Registry adapters NAME[@ALIAS],... (in --storage)."),
-    storage: str = typer.Option(None, "--storage", help="Shared storage URI holding the registry."),
+    base: str = BaseOption,
+    adapter: list[str] = AdapterOption,
+    adapters: str = AdaptersOption,
+    storage: str = StorageOption,
     adapter_root: list[str] = typer.Option(
         None, "--adapter-root", help="Folder adapters may be loaded from (default: storage + startup dirs)."
     ),
@@ -43,7 +72,7 @@ def serve(
     api_key: str = typer.Option(
         None, "--api-key", envvar="LORAFLEET_API_KEY", help="Require this bearer token (env LORAFLEET_API_KEY)."
     ),
-    config: Path = typer.Option(None, "--config", dir_okay=False, help="Serving YAML; flags override it."),
+    config: Path = ConfigOption,
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="Sequences decoded together (CPU engine)."),
     max_queue: int = typer.Option(None, "--max-queue", help="Requests waiting beyond the batch; more get 429."),
     max_loras: int = typer.Option(None, "--max-loras", help="Distinct adapters in one batch."),
@@ -53,14 +82,9 @@ def serve(
     print_command: bool = typer.Option(False, "--print-command", help="vllm engine: print the command and exit."),
 ) -> None:
     """Serve a base model and its adapters behind vLLM's OpenAI-compatible API."""
-    from serving.config import build_serving_config, with_registry_adapters
-
     overrides = {
         "engine": engine,
-        "base": base,
-        "adapters": _pairs(adapter),
-        "registry_adapters": [item.strip() for item in (adapters or "").split(",") if item.strip()],
-        "storage": storage,
+        **model_overrides(base, adapter, adapters, storage),
         "adapter_roots": adapter_root or [],
         "served_model_name": served_model_name,
         "host": host,
@@ -73,7 +97,7 @@ def serve(
         "max_cpu_loras": max_cpu_loras,
         "max_model_len": max_model_len,
     }
-    settings = with_registry_adapters(build_serving_config(config, overrides))
+    settings = serving_settings(config, overrides)
     if settings.engine == "vllm":
         from serving.vllm import exec_vllm, render_vllm_command
 

@@ -1,0 +1,90 @@
+"""`lorafleet sync`: keep the adapters loaded on running servers equal to what the registry says.
+
+lorafleet sync --storage /mnt/lorafleet --target http://127.0.0.1:8000 --adapters a,b@prod --interval 30s
+lorafleet sync --target http://replica-1:8000 --target http://replica-2:8000 --once     # one pass, exit 1 if not done
+
+Exit codes (--once): 0 converged, 1 some target, load, probe or reference failed (each listed), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import sys
+import threading
+
+import typer
+
+from lorafleet.errors import ConfigError, Problem
+
+
+def sync(
+    storage: str = typer.Option(
+        None, "--storage", help="Storage root holding the registry. Default: $LORAFLEET_STORAGE, else the cache."
+    ),
+    target: list[str] = typer.Option(..., "--target", help="Server base URL (http://HOST:PORT). Repeatable."),
+    adapters: str = typer.Option(
+        None, "--adapters", help="References to serve, comma-separated: NAME (latest), NAME@ALIAS or NAME@vN. Default: every published name."
+    ),
+    interval: str = typer.Option("30s", "--interval", help="Time between passes: 30s, 5m, 1m30s or seconds."),
+    api_key: str = typer.Option(
+        None, "--api-key", envvar="LORAFLEET_API_KEY", help="The servers' bearer token (env LORAFLEET_API_KEY)."
+    ),
+    once: bool = typer.Option(False, "--once", help="One pass, then exit: 0 if converged, 1 if not."),
+) -> None:
+    """Load, switch and unload adapters on every --target so they serve what the registry's references name."""
+    from lorafleet.cli.serve import split_list
+    from serving.sync import Syncer, SyncFailed
+
+    config = _config(storage, target, split_list(adapters) if adapters is not None else None, interval, api_key)
+    _log_to_stderr()
+    syncer = Syncer(config)
+    try:
+        if once:
+            report = syncer.reconcile()
+            if not report.converged:
+                raise SyncFailed(
+                    f"not converged, {len(report.errors)} problem(s):\n  - " + "\n  - ".join(report.errors)
+                )
+            typer.echo(f"converged: {len(report.changes)} change(s) on {len(config.targets)} target(s)", err=True)
+            return
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        syncer.run(stop)
+    finally:
+        syncer.close()
+
+
+def _config(storage, targets, adapters, interval, api_key):
+    from pydantic import ValidationError
+
+    from serving.sync import SyncConfig
+
+    values = {"targets": targets, "adapters": adapters, "interval_s": interval, "api_key": api_key}
+    if storage:
+        values["storage"] = storage
+    try:
+        return SyncConfig(**values)
+    except ValidationError as exc:
+        flags = {"targets": "--target", "adapters": "--adapters", "interval_s": "--interval", "storage": "--storage"}
+        problems = [
+            Problem(
+                flags.get(str(error["loc"][0]) if error["loc"] else "", "arguments"),
+                re.sub(r"^Value error, ", "", error["msg"]),
+            )
+            for error in exc.errors()
+        ]
+        raise ConfigError("command line", problems) from None
+
+
+def _log_to_stderr() -> None:
+    """One line per change on stderr; httpx's per-request INFO lines stay off."""
+    logger = logging.getLogger("lorafleet.sync")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

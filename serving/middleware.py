@@ -11,7 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.metrics import ServerMetrics
 
-UNAUTHENTICATED_PATHS = ("/health",)
+# The playground page is static and holds no data; it asks the user for the key and sends it on its API calls.
+UNAUTHENTICATED_PATHS = ("/", "/health")
 
 
 def error_body(message: str, type_: str, status: int, param: str | None = None) -> dict:
@@ -55,7 +56,7 @@ class RequestMetrics:
 
 
 class ApiKey:
-    """`Authorization: Bearer <key>` on every route but /health (401 otherwise)."""
+    """`Authorization: Bearer <key>` on every route but / and /health (401 otherwise)."""
 
     def __init__(self, app: ASGIApp, key: str):
         self.app = app

@@ -84,11 +84,15 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
     if address is None:
         provision_builtins(job)
     connect_ray(job, address)
-    result = build_trainer(job, run_id, run_dir, deepspeed=deepspeed).fit()
-    if result.error is not None or result.checkpoint is None:
-        failure = {"run_id": run_id, "status": "failed", "error": str(result.error)}
+    try:
+        result = build_trainer(job, run_id, run_dir, deepspeed=deepspeed).fit()
+        error = result.error if result.checkpoint is not None else result.error or "no checkpoint was reported"
+    except Exception as exc:  # Ray Train V2 raises the workers' error from fit()
+        error = exc
+    if error is not None:
+        failure = {"run_id": run_id, "status": "failed", "error": str(error)}
         _write_run_file(run_dir, "run.json", json.dumps(failure, indent=2))
-        raise TrainingFailed(f"run {run_id} failed: {result.error}")
+        raise TrainingFailed(f"run {run_id} failed: {error}")
 
     final_checkpoint = result.checkpoint
     if job.training.best_metric:

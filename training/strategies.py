@@ -114,6 +114,21 @@ def strategy_arguments(job: JobConfig, deepspeed: dict[str, Any] | None) -> dict
     return {"ddp_find_unused_parameters": False}
 
 
+def join_deepspeed_to_process_group(job: JobConfig) -> None:
+    """Hand DeepSpeed the process group Ray already set up.
+
+    DeepSpeed's comm layer is separate from torch.distributed: left alone it believes world_size is 1, so ZeRO-3's
+    partitioned loading and its batch-size check (micro x accumulation x world) disagree with the Trainer's.
+    """
+    import torch.distributed
+
+    if job.distributed.strategy != "deepspeed" or not torch.distributed.is_initialized():
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False, verbose=False)
+
+
 def require_engine(trainer, strategy: str) -> None:
     """Stop if Accelerate quietly dropped the requested strategy (it falls back to DDP where unsupported)."""
     if strategy == "deepspeed" and not trainer.is_deepspeed_enabled:

@@ -74,13 +74,19 @@ def build_trainer(
     from training.model import check_precision, load_base_model, load_tokenizer
     from training.reporting import MetricsLog, ProgressReporter
     from training.sinks import check_sinks, sink_callbacks
-    from training.strategies import check_strategy, quantized_storage_dtype, require_engine
+    from training.strategies import (
+        check_strategy,
+        join_deepspeed_to_process_group,
+        quantized_storage_dtype,
+        require_engine,
+    )
     from training.trainer import FineTuneTrainer
 
     set_seed(job.training.seed)
     check_precision(job.training.precision, device)
     check_strategy(job, device.type)
     check_sinks(job.training.logging)
+    join_deepspeed_to_process_group(job)
 
     tokenizer = load_tokenizer(job.model)
     data = build_datasets(job.data, tokenizer, seed=job.training.seed)

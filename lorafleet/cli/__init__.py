@@ -1,9 +1,9 @@
 """The `lorafleet` command: one module per subcommand group, assembled here.
 
-    lorafleet validate configs/tiny.yaml
-    lorafleet train configs/demo.yaml
-    lorafleet data check data.jsonl --format alpaca
-    lorafleet models pull builtin:smollm2-135m-instruct
+lorafleet validate configs/tiny.yaml
+lorafleet train configs/demo.yaml
+lorafleet data check data.jsonl --format alpaca
+lorafleet models pull builtin:smollm2-135m-instruct
 """
 
 from __future__ import annotations
@@ -12,7 +12,22 @@ import sys
 
 import typer
 
-from lorafleet.cli import data, demo, evaluate, jobs, merge, models, registry, render, serve, submit, train, validate
+from lorafleet.cli import (
+    batch,
+    data,
+    demo,
+    evaluate,
+    jobs,
+    merge,
+    models,
+    registry,
+    render,
+    serve,
+    submit,
+    sync,
+    train,
+    validate,
+)
 from lorafleet.errors import LorafleetError
 
 app = typer.Typer(
@@ -38,6 +53,8 @@ app.command("submit")(submit.submit)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(render.app, name="render")
 app.command("serve")(serve.serve)
+app.command("sync")(sync.sync)
+app.command("batch")(batch.batch)
 
 
 def main() -> None:

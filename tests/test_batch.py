@@ -166,6 +166,17 @@ def test_bad_rows_go_to_the_errors_file_with_line_numbers(settings, tmp_path):
     assert sorted(r["line"] for r in read_output(out)) == [1, 8]
 
 
+def test_flags_that_contradict_each_other_exit_2(settings, tmp_path):
+    write_rows(tmp_path / "in.jsonl", ROWS[:1])
+    (tmp_path / "serve.yaml").write_text(f"engine: vllm\nbase: {settings.base}\n")
+    argv = ["batch", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl")]
+    on_vllm = run_cli(*argv, "--config", str(tmp_path / "serve.yaml"))
+    assert on_vllm.returncode == 2 and "engine: batch runs the CPU engine in-process" in on_vllm.stderr
+    both = run_cli(*argv, "--server", "http://127.0.0.1:1", "--base", settings.base, "--ray", "auto")
+    assert both.returncode == 2 and "--base: picks the in-process engine" in both.stderr and "--ray:" in both.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.slow
 def test_ray_data_run_writes_the_same_answers(settings, expected, tmp_path):
     import ray

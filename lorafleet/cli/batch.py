@@ -50,6 +50,11 @@ def batch(
         settings = None
     else:
         settings = serving_settings(config, model_overrides(base, adapter, adapters, storage))
+        if settings.engine != "cpu":
+            raise ConfigError(
+                str(config or "command line"),
+                [Problem("engine", "batch runs the CPU engine in-process; for vLLM start the server and use --server")],
+            )
     job = BatchJob(
         input=input_file,
         output=out,

@@ -25,7 +25,7 @@ def sync(
     ),
     target: list[str] = typer.Option(..., "--target", help="Server base URL (http://HOST:PORT). Repeatable."),
     adapters: str = typer.Option(
-        None, "--adapters", help="References to serve, comma-separated: NAME (latest), NAME@ALIAS or NAME@vN. Default: every published name."
+        None, "--adapters", help="Comma-separated NAME (latest), NAME@ALIAS or NAME@vN; default: every published name."
     ),
     interval: str = typer.Option("30s", "--interval", help="Time between passes: 30s, 5m, 1m30s or seconds."),
     api_key: str = typer.Option(

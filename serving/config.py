@@ -201,7 +201,8 @@ def with_registry_adapters(config: ServingConfig) -> ServingConfig:
     from lorafleet.registry import resolve
 
     adapters = dict(config.adapters)
-    problems = []
+    problems: list[Problem] = []
+    bases: dict[str | None, list[str]] = {}
     for reference in config.registry_adapters:
         try:
             found = resolve(config.storage_uri, reference)
@@ -212,6 +213,24 @@ def with_registry_adapters(config: ServingConfig) -> ServingConfig:
             problems.append(Problem(f"adapters {reference}", f"{found.name!r} is also given with --adapter"))
             continue
         adapters[found.name] = str(found.path)
+        bases.setdefault(found.manifest.base_model, []).append(reference)
+    update: dict[str, Any] = {"adapters": adapters, "registry_adapters": []}
+    if "base" not in config.model_fields_set and not problems:
+        update["base"] = _base_all_agree_on(bases, problems)
     if problems:
         raise ConfigError(f"registry {config.storage_uri}", problems)
-    return config.model_copy(update={"adapters": adapters, "registry_adapters": []})
+    return config.model_copy(update=update)
+
+
+def _base_all_agree_on(bases: dict[str | None, list[str]], problems: list[Problem]) -> str | None:
+    """Without `--base`, the one base model the registry adapters' manifests name."""
+    named = {base: references for base, references in bases.items() if base}
+    if len(named) == 1 and None not in bases:
+        return next(iter(named))
+    if len(named) > 1:
+        listed = "; ".join(f"{base} ({', '.join(refs)})" for base, refs in named.items())
+        message = f"the adapters were trained on different bases: {listed}"
+    else:
+        message = f"no base model in the manifests of {', '.join(bases.get(None, []))}"
+    problems.append(Problem("--adapters", f"{message}; give --base"))
+    return None

@@ -134,3 +134,29 @@ def test_cli_without_vllm_installed_explains(tmp_path):
 def test_cli_rejects_bad_rank_with_exit_2():
     result = run_cli("serve", "--engine", "vllm", "--base", LLAMA, "--max-lora-rank", "12", "--print-command")
     assert result.returncode == 2 and "not a rank vLLM accepts" in result.stderr
+
+
+def test_registry_adapters_bring_their_base_unless_one_is_given(tiny_model_dir, tmp_path):
+    """Without --base, the base is the one every adapter's manifest names; adapters on different bases are refused."""
+    import json
+
+    from lorafleet.registry import publish_adapter
+    from serving.testing import make_adapter
+
+    storage = str(tmp_path / "storage")
+    for name, seed in (("price", 1), ("support", 2)):
+        publish_adapter(storage, name, make_adapter(tiny_model_dir, tmp_path / name, "lora", seed=seed))
+    argv = ("serve", "--engine", "vllm", "--print-command", "--storage", storage, "--adapters", "price,support")
+    shown = run_cli(*argv)
+    assert shown.returncode == 0, shown.stderr
+    assert shlex.split(shown.stdout)[2] == tiny_model_dir
+    assert run_cli(*argv, "--base", "org/other-model").stdout.split()[2] == "org/other-model"
+
+    other = tmp_path / "other"
+    make_adapter(tiny_model_dir, other, "lora", seed=3)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other-model"}))
+    publish_adapter(storage, "sql", other)
+    mixed = run_cli("serve", "--engine", "vllm", "--print-command", "--storage", storage, "--adapters", "price,sql")
+    assert mixed.returncode == 2
+    assert "trained on different bases" in mixed.stderr and "org/other-model (sql)" in mixed.stderr

@@ -1,0 +1,53 @@
+"""`lorafleet demo` end to end, on the tiny model so it fits in CI: the same command `make demo` runs.
+
+Two jobs named like the demo's (price, support) train on 2 Ray workers, are evaluated, published, served together
+by the CPU engine, and asked a question each through the official openai client.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_demo_configs(folder: Path) -> Path:
+    tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    for name, config_file, dataset in (
+        ("price", "demo.yaml", "builtin:price"),
+        ("support", "demo-support.yaml", "builtin:support"),
+    ):
+        job = {**tiny, "name": name, "data": {**tiny["data"], "train": dataset, "max_rows": 200}}
+        job["training"] = {**tiny["training"], "max_steps": 6}
+        (folder / config_file).write_text(yaml.safe_dump(job))
+    return folder
+
+
+def test_demo_trains_evaluates_publishes_serves_and_answers(tmp_path: Path) -> None:
+    configs = tiny_demo_configs(tmp_path)
+    storage = tmp_path / "storage"
+    result = run_cli("demo", "--configs", str(configs), "--storage", str(storage), "--eval-examples", "4", timeout=1500)
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+
+    for name in ("price", "support"):
+        run_dir = storage / "runs" / f"demo-{name}"
+        assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+        report = json.loads((run_dir / "report" / "eval.json").read_text())
+        assert report, f"empty eval report for {name}"
+        assert (run_dir / "report" / "eval.md").is_file()
+        assert (storage / "adapters" / name / "v1" / "manifest.json").is_file()
+        assert f"[{name}]" in result.stdout, result.stdout[-3000:]
+    assert "served models:" in result.stdout and "price" in result.stdout and "support" in result.stdout
+    assert result.stdout.count("→ ") == 2, result.stdout[-3000:]
+    assert f"{storage}/runs/demo-price/report/eval.md" in result.stdout
+
+    # A second demo reuses the trained runs instead of training again.
+    again = run_cli("demo", "--configs", str(configs), "--storage", str(storage), "--eval-examples", "4", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already trained" in again.stdout

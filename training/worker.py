@@ -72,6 +72,7 @@ def build_trainer(
     from training.data import Collator, build_datasets
     from training.early_stopping import EarlyStopping
     from training.model import check_precision, load_base_model, load_tokenizer
+    from training.packed_attention import use_packed_attention
     from training.reporting import MetricsLog, ProgressReporter
     from training.sinks import check_sinks, sink_callbacks
     from training.strategies import (
@@ -98,6 +99,8 @@ def build_trainer(
     args = training_arguments(job, output_dir, has_eval=data.eval is not None, run_name=run_id, deepspeed=deepspeed)
 
     model = load_base_model(job.model, job.training, device, quant_storage=quantized_storage_dtype(job, deepspeed))
+    if job.data.packing and device.type == "cpu":
+        use_packed_attention(model)  # each packed example's own attention, not a block-diagonal mask over the row
     model = apply_adapter(model, job.adapter)
     if rank == 0:
         model.print_trainable_parameters()

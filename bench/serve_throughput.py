@@ -179,7 +179,9 @@ def main() -> None:
     print(f"mixed (4 adapters, one batch)  {mixed:9.1f} tok/s")
     print(f"single adapter, same batch     {single:9.1f} tok/s   (mixed/single runs: {runs})")
     print(f"naive (one request at a time)  {naive:9.1f} tok/s   ({naive_requests} requests, set_adapter + generate)")
-    print(f"mixed / single = {mixed / single:.2f}x (goal >= 0.8x)")
+    # Each mixed run is next to its single run in time, so their ratio sees the same background load.
+    pair_ratio = statistics.median(m / s for m, s in zip(mixed_runs, single_runs, strict=True))
+    print(f"mixed / single = {mixed / single:.2f}x best runs, {pair_ratio:.2f}x median of pairs (goal >= 0.8x)")
     print(f"mixed / naive  = {mixed / naive:.2f}x (goal >= 3x)")
     print(
         f"hot-load latency: idle median {statistics.median(idle_loads):.1f} ms (max {max(idle_loads):.1f}); "

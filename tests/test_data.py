@@ -336,6 +336,17 @@ def test_eval_file_or_holdout_or_none(tmp_path: Path, tokenizer) -> None:
     assert build_datasets(data_section(train, format="text", val_split=0), tokenizer, seed=0).eval is None
 
 
+def test_data_hash_follows_the_records_not_the_file(tmp_path: Path, tokenizer) -> None:
+    rows = [{"text": f"row {i}"} for i in range(20)]
+    first = build_datasets(data_section(write_rows(tmp_path / "a.jsonl", rows), format="text"), tokenizer, seed=0)
+    same = build_datasets(data_section(write_rows(tmp_path / "b.jsonl", rows), format="text"), tokenizer, seed=0)
+    edited = rows[:-1] + [{"text": "row 19!"}]
+    other = build_datasets(data_section(write_rows(tmp_path / "c.jsonl", edited), format="text"), tokenizer, seed=0)
+    assert len(first.stats.data_hash) == 64
+    assert first.stats.data_hash == same.stats.data_hash != other.stats.data_hash
+    assert first.stats_dict()["data_hash"] == first.stats.data_hash  # what run.json records
+
+
 def test_too_few_rows_to_hold_out_is_an_error(tmp_path: Path, tokenizer) -> None:
     train = write_rows(tmp_path / "train.jsonl", [{"text": "only row"}])
     with pytest.raises(DataSourceError, match="too few to hold out data.val_split"):

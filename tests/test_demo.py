@@ -41,7 +41,8 @@ def test_demo_trains_evaluates_publishes_serves_and_answers(tmp_path: Path) -> N
         report = json.loads((run_dir / "report" / "eval.json").read_text())
         assert report, f"empty eval report for {name}"
         assert (run_dir / "report" / "eval.md").is_file()
-        assert (storage / "adapters" / name / "v1" / "manifest.json").is_file()
+        manifest = json.loads((storage / "adapters" / name / "v1" / "manifest.json").read_text())
+        assert len(manifest["data_hash"]) == 64 and manifest["run_id"] == f"demo-{name}"
         assert f"[{name}]" in result.stdout, result.stdout[-3000:]
     assert "served models:" in result.stdout and "price" in result.stdout and "support" in result.stdout
     assert result.stdout.count("→ ") == 2, result.stdout[-3000:]

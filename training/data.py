@@ -12,6 +12,8 @@ counted in the stats. With `packing`, whole examples are bin-packed into sequenc
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 from collections.abc import Sequence
@@ -67,6 +69,7 @@ class SplitStats:
 class DataStats:
     train: SplitStats
     eval: SplitStats | None
+    data_hash: str = ""  # sha256 of the records trained and evaluated on (recorded in run.json and manifests)
 
     def __str__(self) -> str:
         return f"train: {self.train}" + (f"; eval: {self.eval}" if self.eval else "; no eval split")
@@ -117,8 +120,16 @@ def build_datasets(data_cfg: DataSection, tokenizer: Any, seed: int) -> Tokenize
     return TokenizedData(
         train=ExampleDataset(train_examples),
         eval=ExampleDataset(eval_examples) if eval_examples else None,
-        stats=DataStats(train_stats, eval_stats),
+        stats=DataStats(train_stats, eval_stats, data_hash=records_hash([*train, *held_out])),
     )
+
+
+def records_hash(samples: list[Sample]) -> str:
+    """Content hash of the records, independent of where they were read from (a file, the hub, a builtin)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(json.dumps(asdict(sample.record), sort_keys=True, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def load_samples(reference: str, fmt: str, *, max_rows: int | None = None) -> list[Sample]:

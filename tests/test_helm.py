@@ -560,12 +560,16 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180) -> N
 def test_cpu_container_serves_and_helm_test_passes(tiny_model_dir, tmp_path):
     """End to end without a cluster: run the cpu-backend container's rendered command and env as a process (the
     shared storage is a local folder), then run the rendered `helm test` script against it with curl."""
+    from lorafleet.registry import publish_adapter
     from serving.testing import make_adapter
 
     mount, port, key = tmp_path / "storage", free_port(), "sk-e2e"
     adapters = [{"name": "pricing", "version": "v1"}, {"name": "support", "version": "v2"}]
-    for seed, a in enumerate(adapters, start=1):
-        make_adapter(tiny_model_dir, mount / "adapters" / a["name"] / a["version"], "lora", seed=seed)
+    for seed, (name, version) in enumerate([("pricing", "v1"), ("support", "v1"), ("support", "v2")], start=1):
+        published = publish_adapter(
+            str(mount), name, make_adapter(tiny_model_dir, tmp_path / f"{name}-{seed}", seed=seed)
+        )
+        assert published.version == version
     values = {
         "backend": "cpu",
         "base": {"model": tiny_model_dir},
@@ -574,7 +578,7 @@ def test_cpu_container_serves_and_helm_test_passes(tiny_model_dir, tmp_path):
         "service": {"port": port},
         "storage": {"mountPath": str(mount)},
         "apiKey": {"enabled": True, "value": key},
-        "sync": {"enabled": False},
+        "sync": {"adapters": ["pricing", "support@v1"]},
     }
     objs = render(helm_command("helm"), values, tmp_path)
     server = container(one(objs, "Deployment"), "server")
@@ -603,6 +607,21 @@ def test_cpu_container_serves_and_helm_test_passes(tiny_model_dir, tmp_path):
             [*hook["command"], missing], env={**os.environ, "API_KEY": key}, capture_output=True, text=True
         )
         assert bad.returncode != 0 and "FAIL: adapter absent missing" in bad.stdout
+
+        # The sync sidecar's rendered command, one pass: support moves to the v1 its reference names.
+        sync = container(one(objs, "Deployment"), "sync")
+        synced = subprocess.run(
+            [str(BIN / sync["command"][0]), *sync["args"], "--once"],
+            env={**os.environ, "LORAFLEET_API_KEY": key}, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert synced.returncode == 0, synced.stderr
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            roots = {model["id"]: model["root"] for model in json.load(response)["data"]}
+        assert roots["support"] == str(mount / "adapters" / "support" / "v1")
+        assert roots["pricing"] == str(mount / "adapters" / "pricing" / "v1")
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -6,6 +6,11 @@ then moves the name over, so requests admitted before keep a consistent adapter 
 the new weights. Replaced or unloaded weights are deleted once no request holds them (`refs`).
 Prompt-learning adapters are constant tensors (`VirtualTokens`), outside PEFT.
 
+Routing a mixed batch: plain-LoRA layers run one pass for all rows over the batch's adapters stacked along the
+rank dimension (`serving.lora_stack`); the other LoRA layers and PEFT's auxiliary wrappers get PEFT's
+`adapter_names` forward. The stack is built for a set of adapters that covers the batch and is dropped at every
+load and delete, so no pass ever reads copied weights of an adapter that has since changed.
+
 Thread rules: the name table is read and reference-counted from the server thread under `lock`; everything that
 touches the model (load, delete, `routing`) runs on the model thread only.
 """
@@ -16,7 +21,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -25,6 +30,7 @@ import torch
 
 from serving.adapters import AdapterError, AdapterSpec, VirtualTokens, read_virtual_tokens
 from serving.config import ServingConfig
+from serving.lora_stack import LoraStack
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MIXED = "mixed"  # the batch that LoRA, prompt-learning and base rows share
@@ -67,6 +73,8 @@ class AdapterStore:
         self._ids = itertools.count(1)
         self._hooked: list[torch.nn.Module] = []
         self._active: str | None = None
+        self.stack_lora = True  # False: mixed batches take PEFT's `adapter_names` forward in every LoRA layer
+        self._stack: LoraStack | None = None
 
     # ---- server thread --------------------------------------------------------------------------------------
 
@@ -177,6 +185,20 @@ class AdapterStore:
         except ImportError:  # an older PEFT
             AuxiliaryTrainingWrapper = LoraLayer  # noqa: N806
         self._hooked = [m for m in self.model.modules() if isinstance(m, LoraLayer | AuxiliaryTrainingWrapper)]
+        self._stack = None  # weights were added or deleted: the next mixed pass stacks them afresh
+
+    def _stack_for(self, names: set[str]) -> LoraStack:
+        """A stack that holds every adapter in `names`: the current one if it does, else a new one.
+
+        A new stack keeps the adapters of the old one while that stays within `max_loras` (the adapters of all
+        running batches), so a prefill of newcomers and the decode step of the running batch share one stack.
+        """
+        if self._stack is None or not self._stack.covers(names):
+            wanted = names | set(self._stack.names if self._stack is not None else ())
+            if len(wanted) > self.config.max_loras:
+                wanted = names
+            self._stack = LoraStack(sorted(wanted), self._hooked)
+        return self._stack
 
     @contextmanager
     def routing(self, cohort: str, adapters: list[LoadedAdapter | None]) -> Iterator[None]:
@@ -192,10 +214,15 @@ class AdapterStore:
             yield
             return
         names = [adapter.peft_name if adapter is not None else BASE for adapter in adapters]
+        hooked, stacked = self._hooked, nullcontext()
+        if self.stack_lora:
+            stack = self._stack_for({name for name in names if name != BASE})
+            hooked, stacked = stack.fallback, stack.apply(names)
         hook = partial(_inject_adapter_names, adapter_names=names)
-        handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in self._hooked]
+        handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in hooked]
         try:
-            yield
+            with stacked:
+                yield
         finally:
             for handle in handles:
                 handle.remove()

@@ -358,3 +358,77 @@ def test_registry_adapters_resolve_to_published_versions(tiny_model_dir, adapter
         with_registry_adapters(
             ServingConfig(base=tiny_model_dir, storage=str(storage), registry_adapters=["pricing@prod"])
         )
+
+
+# ---- mixed LoRA in one pass per layer (serving/lora_stack.py) ------------------------------------------------
+
+
+def test_stacked_lora_matches_peft_mixed_forward(tiny_model_dir, tmp_path):
+    """3 adapters of ranks 4, 8, 16 (two target q/v, one every linear layer) + base rows: same logits as PEFT."""
+    from transformers import AutoModelForCausalLM
+
+    from serving.adapter_store import BASE, MIXED, AdapterStore
+
+    made = {
+        "r4": make_adapter(tiny_model_dir, tmp_path / "r4", "lora", seed=11, rank=4),
+        "r8all": make_adapter(tiny_model_dir, tmp_path / "r8all", "lora-all", seed=12, rank=8),
+        "r16": make_adapter(tiny_model_dir, tmp_path / "r16", "lora", seed=13, rank=16),
+    }
+    config = ServingConfig(base=tiny_model_dir, adapter_roots=[str(tmp_path)])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    store = AdapterStore(config, model, torch.float32)
+    loaded = {name: store.load(inspect_adapter(name, path, config), replace=False) for name, path in made.items()}
+    rows = [loaded["r4"], None, loaded["r8all"], loaded["r16"], loaded["r4"], None, loaded["r16"]]
+    ids = torch.randint(0, model.config.vocab_size, (len(rows), 7), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        with store.routing(MIXED, rows):
+            stacked = model(input_ids=ids).logits
+        layers = store._stack.layers
+        assert len(layers) == len(store._hooked) > 0
+        assert not store._stack.fallback, "every LoRA layer of plain LoRA adapters is stacked"
+        names = [adapter.internal if adapter is not None else BASE for adapter in rows]
+        reference = store.peft(input_ids=ids, adapter_names=names).logits  # PEFT's own mixed-batch forward
+        with store.peft.disable_adapter():
+            base = store.peft(input_ids=ids).logits
+    assert (stacked - reference).abs().max().item() < 1e-5
+    for row, adapter in enumerate(rows):
+        changed = (stacked[row] - base[row]).abs().max().item()
+        assert (changed > 1e-3) if adapter is not None else (changed < 1e-6), (row, changed)
+    assert all("forward" not in layer.module.__dict__ for layer in layers), "PEFT's forward is back after the pass"
+
+
+def test_hot_reload_during_a_mixed_batch_serves_each_request_its_version(engine, adapter_dir, references):
+    """`swap` moves from a to b while a long request on the old version decodes: both versions share a batch."""
+    long = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True)
+
+    async def main():
+        await engine.load_adapter("swap", str(adapter_dir / "a"))
+        ids = engine.tokenizer(PROMPTS[0]).input_ids
+        old = engine.submit(GenerationRequest(ids, "swap", long), asyncio.get_running_loop())
+        pieces = [(await anext(aiter(old))).text]
+        await engine.load_adapter("swap", str(adapter_dir / "b"), replace=True)
+        new = (await _generate(engine, PROMPTS[0], "swap", GREEDY))[0]
+        old_running = engine.stats().running > 0
+        async for delta in old:
+            assert delta.error is None
+            pieces.append(delta.text)
+        await engine.unload_adapter("swap")
+        same_as_a = (await _generate(engine, PROMPTS[0], "a", long))[0]
+        return new, old_running, "".join(pieces), same_as_a
+
+    new, old_running, old_text, same_as_a = asyncio.run(main())
+    assert old_running, "the old-version request was still decoding when the new version answered"
+    assert new == references["b"][0]
+    assert old_text == same_as_a
+
+
+def test_stacked_and_peft_paths_give_the_same_mixed_batch(engine, references):
+    jobs = [(prompt, model, GREEDY) for model in ("a", "b", "tiny", "pt") for prompt in PROMPTS]
+    expected = [references[model][j] for model in ("a", "b", "tiny", "pt") for j in range(len(PROMPTS))]
+    engine.store.stack_lora = False
+    try:
+        peft_path = [text for text, _ in run_many(engine, jobs)]
+    finally:
+        engine.store.stack_lora = True
+    stacked = [text for text, _ in run_many(engine, jobs)]
+    assert stacked == peft_path == expected

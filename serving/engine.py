@@ -11,10 +11,13 @@ How a step works (the model thread, `_loop`):
 2. admit waiting requests into free batch slots (at most `max_batch_size` rows, `max_loras` adapters);
 3. prefill the newcomers together (left-padded) and merge them into their running batch;
 4. one decode step per running batch: every row gets one token; finished rows leave.
-LoRA, prompt-tuning, P-tuning, prefix-tuning and base requests share one batch: LoRA rows are routed by PEFT's
-mixed-adapter forward (`adapter_names`, `"__base__"` for the others; see `serving.adapter_store`), and
+LoRA, prompt-tuning, P-tuning, prefix-tuning and base requests share one batch: LoRA rows are routed in one pass
+per layer over the batch's adapters stacked together (`serving.lora_stack`, via `serving.adapter_store`), and
 prompt-learning rows carry their virtual tokens in their own embeddings / KV prefix. PEFT 0.21 refuses
 `adapter_names` for DoRA, so each DoRA adapter gets a batch of its own, run with `set_adapter`.
+One bad row never fails its batch: a row whose logits are NaN/inf fails alone (`NonFiniteLogits`, 500), and
+when a whole prefill or decode step raises, its rows are run again one adapter at a time: the adapters that
+fail alone get the error, the others go on (`_isolate`).
 The asyncio server never waits on the model: `submit` only queues, and deltas come back through
 `loop.call_soon_threadsafe`, one wake-up per step.
 """
@@ -48,6 +51,17 @@ class UnknownModel(ServingError):
 
     def __init__(self, model: str):
         super().__init__(f"The model `{model}` does not exist.", param="model")
+
+
+class NonFiniteLogits(ServingError):
+    """The model gave a row NaN/inf logits: that adapter's weights (or the base's) are broken, not the request."""
+
+    def __init__(self, model: str, *, adapter: bool):
+        super().__init__(
+            f"{'adapter' if adapter else 'model'} {model} produced non-finite logits (NaN or inf), so no token could "
+            "be chosen; its weights are likely broken (a diverged training run?): load a good version",
+            param="model",
+        )
 
 
 @dataclass
@@ -279,9 +293,8 @@ class CPUEngine:
             try:
                 batch = self._prefill(key, seqs)
             except Exception as exc:
-                log.exception("prefill failed")
-                self._finish_with_error(seqs, exc)
-                continue
+                log.exception("prefill of %d requests failed; retrying them one adapter at a time", len(seqs))
+                batch = self._isolate(seqs, exc, partial(self._prefill, key))
             if batch is None:
                 continue
             if key in self._cohorts:
@@ -323,34 +336,75 @@ class CPUEngine:
                 inputs["input_ids"] = ids
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         first = self._choose(out.logits[:, -1], seqs)
-        batch = RunningBatch(rows=seqs, cache=out.past_key_values, mask=mask, next_tokens=torch.tensor(first))
+        batch = RunningBatch(rows=seqs, cache=out.past_key_values, mask=mask, next_tokens=torch.tensor([]))
         return self._advance(batch, first)
 
     def _step(self, key: str) -> None:
-        batch = self._cohorts[key]
+        batch = self._cohorts.pop(key)
+        try:
+            survivors = self._decode(key, batch)
+        except Exception as exc:
+            log.exception("decode step of %d requests failed; retrying them one adapter at a time", len(batch))
+            survivors = self._isolate(
+                batch.rows, exc, lambda seqs: self._decode(key, batch.select(_rows_of(batch, seqs)))
+            )
+        if survivors is not None:
+            self._cohorts[key] = survivors
+
+    def _decode(self, key: str, batch: RunningBatch) -> RunningBatch | None:
+        """One decode step of `batch`; when it raises, `batch` is as it was before (no token was handed out)."""
+        state = batch.snapshot()
         try:
             inputs = batch.step_inputs()
             with self.store.routing(key, [seq.adapter for seq in batch.rows]):
                 out = self.model(**inputs, use_cache=True)
-            batch.cache = out.past_key_values
             tokens = self._choose(out.logits[:, -1], batch.rows)
-        except Exception as exc:
-            log.exception("decode step failed")
-            del self._cohorts[key]
-            self._finish_with_error(batch.rows, exc)
-            return
-        batch.next_tokens = torch.tensor(tokens)
-        if self._advance(batch, tokens) is None:
-            del self._cohorts[key]
+        except Exception:
+            batch.restore(state)
+            raise
+        batch.cache = out.past_key_values
+        return self._advance(batch, tokens)
 
-    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    def _isolate(self, seqs: list[Sequence], exc: Exception, run) -> RunningBatch | None:
+        """After a failed step of `seqs`: `run` it again per adapter; groups that fail alone get their error.
+
+        `run(group)` does the step for a subset of `seqs` (prefill or decode) and returns its batch. Only a failed
+        step pays for this; a failure that is no adapter's fault (a bug, out of memory) fails every group.
+        """
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in seqs:
+            groups.setdefault(seq.adapter.internal if seq.adapter is not None else None, []).append(seq)
+        if len(groups) == 1:
+            self._finish_with_error(seqs, exc)
+            return None
+        merged: RunningBatch | None = None
+        for group in groups.values():
+            try:
+                batch = run(group)
+            except Exception as group_exc:
+                log.warning("the %d requests for %s failed alone: %s", len(group), group[0].request.model, group_exc)
+                self._finish_with_error(group, group_exc)
+                continue
+            if batch is None:
+                continue
+            if merged is None:
+                merged = batch
+            else:
+                merged.extend(batch)
+        return merged
+
+    def _choose(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int | None]:
         return choose_tokens(logits.float(), [s.request.params for s in seqs], [s.generator for s in seqs])
 
-    def _advance(self, batch: RunningBatch, tokens: list[int]) -> RunningBatch | None:
-        """Hand each row its new token; rows that finished leave the batch (None: none left)."""
-        keep = [
-            row for row, (seq, token) in enumerate(zip(batch.rows, tokens, strict=True)) if self._accept(seq, token)
-        ]
+    def _advance(self, batch: RunningBatch, tokens: list[int | None]) -> RunningBatch | None:
+        """Hand each row its new token; rows that finished or got none (NaN logits) leave (None: none left)."""
+        batch.next_tokens = torch.tensor([token if token is not None else 0 for token in tokens])
+        keep = []
+        for row, (seq, token) in enumerate(zip(batch.rows, tokens, strict=True)):
+            if token is None:
+                self._finish_with_error([seq], NonFiniteLogits(seq.request.model, adapter=seq.adapter is not None))
+            elif self._accept(seq, token):
+                keep.append(row)
         if not keep:
             return None
         if len(keep) < len(batch):
@@ -413,6 +467,12 @@ class CPUEngine:
             self.store.release(stream.request.adapter)
         self._flush()
         self._fail_commands()
+
+
+def _rows_of(batch: RunningBatch, seqs: list[Sequence]) -> list[int]:
+    """The rows of `batch` that hold `seqs`."""
+    wanted = {id(seq) for seq in seqs}
+    return [row for row, seq in enumerate(batch.rows) if id(seq) in wanted]
 
 
 def _prefix_cache(virtual: list[VirtualTokens | None], n_prefix: int, dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:

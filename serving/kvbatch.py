@@ -63,14 +63,24 @@ class RunningBatch:
 
     def keep(self, indices: list[int]) -> None:
         """Keep only these rows (in this order); drop columns that became padding everywhere."""
+        part = self.select(indices)
+        self.rows, self.cache, self.mask, self.next_tokens = part.rows, part.cache, part.mask, part.next_tokens
+
+    def select(self, indices: list[int]) -> RunningBatch:
+        """A new batch of these rows (in this order), without the columns that are padding for all of them."""
         index = torch.tensor(indices, dtype=torch.long)
         mask = self.mask[index]
         used = mask.sum(dim=0).nonzero()
         start = int(used[0]) if len(used) else mask.shape[1]
-        self.cache = make_cache([(k[index, :, start:], v[index, :, start:]) for k, v in cache_tensors(self.cache)])
-        self.mask = mask[:, start:]
-        self.next_tokens = self.next_tokens[index]
-        self.rows = [self.rows[i] for i in indices]
+        cache = make_cache([(k[index, :, start:], v[index, :, start:]) for k, v in cache_tensors(self.cache)])
+        return RunningBatch([self.rows[i] for i in indices], cache, mask[:, start:], self.next_tokens[index])
+
+    def snapshot(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+        """What `restore` needs to undo a step that raised (a forward only replaces cache tensors, never edits)."""
+        return cache_tensors(self.cache), self.mask
+
+    def restore(self, state: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]) -> None:
+        self.cache, self.mask = make_cache(state[0]), state[1]
 
 
 def _left_pad(tensor: torch.Tensor, length: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Choosing the next token, and turning token ids into streamed text that stops at stop strings.
 
 Greedy when temperature is 0; otherwise temperature, top-k and top-p, drawn from a generator seeded per request
-(`seed`), so a seeded request gives the same text whatever else shares its batch.
+(`seed`), so a seeded request gives the same text whatever else shares its batch. A row whose logits are not
+finite (an adapter with NaN weights) gets no token (None): the engine fails that request alone.
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ def make_generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of `logits` [batch, vocab] (float32)."""
-    chosen = logits.argmax(dim=-1).tolist()
+def choose_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int | None]:
+    """One token per row of `logits` [batch, vocab] (float32); None for a row with a NaN or inf logit."""
+    # One pass: a row's sum is NaN/inf iff one of its logits is (finite logits of a sane model never sum past 1e38).
+    finite = torch.isfinite(logits.sum(dim=-1)).tolist()
+    chosen: list[int | None] = logits.argmax(dim=-1).tolist()
     for row, (param, generator) in enumerate(zip(params, generators, strict=True)):
+        if not finite[row]:
+            chosen[row] = None
+            continue
         if param.greedy:
             continue
         scores = logits[row] / param.temperature

@@ -432,3 +432,99 @@ def test_stacked_and_peft_paths_give_the_same_mixed_batch(engine, references):
         engine.store.stack_lora = True
     stacked = [text for text, _ in run_many(engine, jobs)]
     assert stacked == peft_path == expected
+
+
+# ---- one bad row never fails its batch -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nan_adapter(adapter_dir, tmp_path_factory) -> Path:
+    """Adapter `a` with every weight NaN (a diverged run): it loads fine and cannot produce a token."""
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path_factory.mktemp("nan-adapter") / "nan"
+    shutil.copytree(adapter_dir / "a", broken)
+    weights = load_file(str(broken / "adapter_model.safetensors"))
+    save_file(
+        {key: tensor * float("nan") for key, tensor in weights.items()}, str(broken / "adapter_model.safetensors")
+    )
+    return broken
+
+
+def test_nan_adapter_fails_alone_over_http(tiny_model_dir, adapter_dir, nan_adapter):
+    """Concurrent requests (official client) for a NaN adapter and healthy ones: only the NaN ones get a 500."""
+    import openai
+
+    from serving.app import create_app
+    from serving.server import ServerThread
+
+    config = ServingConfig(
+        base=tiny_model_dir,
+        served_model_name="tiny",
+        adapters={"a": str(adapter_dir / "a"), "b": str(adapter_dir / "b"), "nan": str(nan_adapter)},
+        adapter_roots=[str(adapter_dir), str(nan_adapter.parent)],
+        max_batch_size=32,
+        max_wait_ms=200,  # the concurrent requests start as one batch
+        torch_threads=1,
+    )
+
+    def body(model: str, prompt: str, temperature: float) -> dict:
+        return {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": NEW_TOKENS,
+            "temperature": temperature,
+            "seed": 7,
+            "extra_body": {"ignore_eos": True},
+        }
+
+    healthy = [body(model, prompt, t) for model in ("a", "b", "tiny") for prompt in PROMPTS[:2] for t in (0, 1.0)]
+    broken = [body("nan", prompt, t) for prompt in PROMPTS[:2] for t in (0, 1.0)]
+    with ServerThread(create_app(config)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        alone = [client.completions.create(**request).choices[0].text for request in healthy]
+
+        async def together():
+            async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as aclient:
+                calls = [aclient.completions.create(**request) for request in broken + healthy]
+                return await asyncio.gather(*calls, return_exceptions=True)
+
+        results = asyncio.run(together())
+        after = client.completions.create(**healthy[0]).choices[0].text
+    failed, answered = results[: len(broken)], results[len(broken) :]
+    assert [r.choices[0].text if not isinstance(r, Exception) else repr(r) for r in answered] == alone
+    for error in failed:
+        assert isinstance(error, openai.InternalServerError) and error.status_code == 500, repr(error)
+        assert error.body["type"] == "InternalServerError"
+        assert "adapter nan produced non-finite logits" in error.body["message"]
+    assert after == alone[0]
+
+
+def test_a_failing_step_is_retried_per_adapter(engine, references, monkeypatch):
+    """A decode step that raises because of one adapter's rows: the other adapters' rows finish as usual."""
+    real_routing = engine.store.routing
+    calls = {"b": 0}
+
+    def faulty_routing(cohort, adapters):
+        if any(adapter is not None and adapter.name == "b" for adapter in adapters):
+            calls["b"] += 1
+            if calls["b"] >= 3:  # the prefill and a first decode step go through, then every pass with `b` fails
+                raise RuntimeError("injected failure in a pass with adapter b")
+        return real_routing(cohort, adapters)
+
+    monkeypatch.setattr(engine.store, "routing", faulty_routing)
+
+    async def main():
+        jobs = [(prompt, model, GREEDY) for model in ("a", "b", "tiny", "pt") for prompt in PROMPTS]
+        return await asyncio.gather(*(_generate(engine, *job) for job in jobs), return_exceptions=True)
+
+    results = asyncio.run(main())
+    monkeypatch.undo()
+    by_model = {
+        model: results[i * len(PROMPTS) : (i + 1) * len(PROMPTS)] for i, model in enumerate(("a", "b", "tiny", "pt"))
+    }
+    for model in ("a", "tiny", "pt"):
+        assert [text for text, _ in by_model[model]] == references[model], model
+    assert all(isinstance(error, RuntimeError) and "injected" in str(error) for error in by_model["b"])
+    assert calls["b"] >= 3
+    assert run(engine, PROMPTS[0], "b", GREEDY)[0] == references["b"][0]

@@ -4,7 +4,8 @@
     .venv/bin/python bench/serve_throughput.py --model builtin:smollm2-135m-instruct --requests 16 --tokens 32
 
 Prints tokens/s for:
-- mixed:  REQUESTS requests spread over 4 LoRA adapters, sent at once (one mixed-adapter batch);
+- mixed:  REQUESTS requests spread over 4 LoRA adapters, sent at once (one mixed-adapter batch; LoRA layers run
+          one pass over the stacked adapters, `serving/lora_stack.py`; `--peft-mixed`: PEFT's per-adapter loop);
 - single: the same requests all for one adapter (the ceiling mixing should approach; goal >= 0.8x);
 - naive:  one request at a time, `set_adapter` + `generate` per request (what mixing replaces; goal >= 3x);
 and the hot-load latency of an adapter (`load_adapter` through the engine: checks + PEFT load), idle and
@@ -38,6 +39,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--loads", type=int, default=5, help="hot-loads to time")
+    parser.add_argument(
+        "--peft-mixed", action="store_true", help="route mixed batches through PEFT's adapter_names forward instead"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of mixed and single (best is kept)")
     return parser.parse_args()
 
@@ -152,6 +156,7 @@ def main() -> None:
     )
     engine = CPUEngine(config)
     engine.start()
+    engine.store.stack_lora = not args.peft_mixed
     tokenizer = engine.tokenizer
     prompts = [
         tokenizer(f"Request {i}: describe item number {i} in a few words.").input_ids for i in range(args.requests)
@@ -175,7 +180,8 @@ def main() -> None:
     mixed, single = max(mixed_runs), max(single_runs)
     runs = ", ".join(f"{m:.0f}/{s:.0f}" for m, s in zip(mixed_runs, single_runs, strict=True))
     print(f"model {args.model} | {args.requests} requests x {args.tokens} tokens | LoRA r={args.rank} | "
-          f"torch threads {args.threads or torch.get_num_threads()} | {os.cpu_count()} CPUs")  # fmt: skip
+          f"torch threads {args.threads or torch.get_num_threads()} | {os.cpu_count()} CPUs | "
+          f"mixed LoRA: {'PEFT adapter_names' if args.peft_mixed else 'stacked'}")  # fmt: skip
     print(f"mixed (4 adapters, one batch)  {mixed:9.1f} tok/s")
     print(f"single adapter, same batch     {single:9.1f} tok/s   (mixed/single runs: {runs})")
     print(f"naive (one request at a time)  {naive:9.1f} tok/s   ({naive_requests} requests, set_adapter + generate)")

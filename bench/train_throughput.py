@@ -1,0 +1,355 @@
+"""Training throughput of `lorafleet train` (1 Ray worker) against a plain TRL `SFTTrainer` script, same run.
+
+    .venv/bin/python bench/train_throughput.py               # tiny model: ~4 min on 2 busy cores, mostly start-up
+    .venv/bin/python bench/train_throughput.py --model builtin:smollm2-135m-instruct --max-seq-len 160 --steps 30
+    .venv/bin/python bench/train_throughput.py --repeats 3   # on a busy machine: the median of 3 rounds
+
+Three arms, run one after another (`--repeats` rounds, the median of each arm is reported):
+- trl:             `trl.SFTTrainer` in a fresh process: TRL's default collator (pads to the longest example of
+                   the batch), no packing; fp32 and no gradient checkpointing (TRL's defaults are bf16 and
+                   checkpointing, so both are set off to match lorafleet's defaults). The process runs at the
+                   niceness Ray gives its workers (15), so on a shared machine both arms compete for the CPU
+                   alike with whatever else runs.
+- lorafleet:       what `lorafleet train JOB.yaml --run-id ID` runs (`training.launcher.run_training`), in a
+                   subprocess: embedded Ray, 1 worker with `--threads` CPUs, no packing.
+- lorafleet+pack:  the same with `data.packing: true`.
+All three train the same model and LoRA (r 8, alpha 16, dropout 0, all linear layers), on the same token ids
+and loss labels (lorafleet's data pipeline tokenizes `--data`; TRL gets the result as a pre-tokenized
+dataset), with the same micro batch, max_seq_len, optimizer, schedule, seed (so, unpacked, the same batches in
+the same order), precision (fp32) and torch threads.
+
+Timing, the same in every arm: both frameworks log every step, and each log event records the wall time and
+the trainer's count of non-padding input tokens (`include_num_input_tokens_seen="non_padding"`). lorafleet's are
+read from the run's metrics.jsonl, TRL's from a callback doing the same. Throughput is counted between the log
+events of step `--warmup` and the last step: data loading, forward, backward, optimizer step and each framework's
+own per-step logging are inside; process and Ray start-up, model loading, tokenization, the warm-up steps and the
+final checkpoint save are outside.
+
+Useful tokens: non-padding tokens fed to the model, i.e. the tokens of real training examples (prompt and
+response; the loss is on the response). Padding, which packing removes, is not counted. Unpacked, lorafleet and
+TRL see the same batches, so their ratio is a pure speed ratio; packed, the ratio also counts the padding that
+packing no longer computes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("LORAFLEET_HOME", str(REPO / ".cache" / "lorafleet"))
+
+ARMS = ("trl", "lorafleet", "lorafleet+pack")
+RAY_WORKER_NICENESS = 15  # Ray starts its workers at this niceness (RAY_worker_niceness); the TRL arm matches it
+GOALS = {"lorafleet": 1.0, "lorafleet+pack": 1.5}  # arm / trl
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:tiny-llama")
+    parser.add_argument("--data", default="builtin:price", help="a data reference, as data.train takes it")
+    parser.add_argument("--format", default="alpaca", help="data.format of --data")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps per arm")
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the timing")
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the three arms (median reported)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (and Ray CPUs of the worker) in every arm"
+    )
+    parser.add_argument("--rows", type=int, default=1000, help="data.max_rows of builtin:price")
+    parser.add_argument("--trl-arm", metavar="JOB_YAML", help=argparse.SUPPRESS)  # internal: run the TRL arm
+    args = parser.parse_args()
+    if not 1 <= args.warmup < args.steps - 1:
+        parser.error("--warmup must be in [1, --steps - 1)")
+    return args
+
+
+def job_config(args: argparse.Namespace, storage: Path) -> dict:
+    """The lorafleet job both arms train (the TRL arm reads its knobs from it)."""
+    return {
+        "name": "bench",
+        "model": {"name_or_path": args.model},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {
+            "train": args.data if args.data.startswith("builtin:") else str(Path(args.data).resolve()),
+            "format": args.format,
+            "max_seq_len": args.max_seq_len,
+            "val_split": 0,
+            "max_rows": args.rows,
+        },
+        "training": {
+            "max_steps": args.steps,
+            "micro_batch_size": args.micro_batch,
+            "learning_rate": 3e-4,
+            "lr_scheduler": "constant",
+            "precision": "fp32",
+            "logging_steps": 1,
+            "seed": 42,
+        },
+        "distributed": {"num_workers": 1, "resources_per_worker": {"CPU": args.threads}, "strategy": "ddp"},
+        "storage": {"uri": str(storage)},
+    }
+
+
+def window(records: list[dict], warmup: int) -> dict:
+    """Throughput between the log events of step `warmup` and the last step (one record per step).
+
+    tokens_per_s: all tokens over all time in the window; step_tokens_per_s: the median of the steps' own
+    rates, which a burst of other work on a shared machine moves less.
+    """
+    timed = sorted((record for record in records if record["step"] >= warmup), key=lambda record: record["step"])
+    pairs = list(zip(timed, timed[1:], strict=False))
+    step_tokens = [after["num_input_tokens_seen"] - before["num_input_tokens_seen"] for before, after in pairs]
+    step_seconds = [after["time"] - before["time"] for before, after in pairs]
+    seconds, tokens = sum(step_seconds), sum(step_tokens)
+    return {
+        "steps": len(pairs),
+        "seconds": seconds,
+        "tokens": tokens,
+        "tokens_per_s": tokens / seconds,
+        "step_tokens_per_s": statistics.median(t / s for t, s in zip(step_tokens, step_seconds, strict=True)),
+        "step_tokens": step_tokens,
+    }
+
+
+# --- lorafleet: the real `lorafleet train`, as a user runs it ---------------------------------------------------
+
+
+# What `lorafleet train JOB --run-id ID --set KEY=VALUE` runs, without the CLI's argument parsing.
+LORAFLEET_TRAIN = """
+import sys
+from lorafleet.config import load_job_config
+from training.launcher import run_training
+run_training(load_job_config(sys.argv[1], sys.argv[3:]), run_id=sys.argv[2])
+"""
+
+
+def run_lorafleet(job_path: Path, storage: Path, *, packing: bool, run_id: str, warmup: int) -> dict:
+    command = [sys.executable, "-c", LORAFLEET_TRAIN, str(job_path), run_id, f"data.packing={str(packing).lower()}"]
+    started = time.monotonic()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=dict(os.environ))
+    total = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"lorafleet train failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    run_dir = storage / "runs" / run_id
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in records if "loss" in record]  # one per step (logging_steps: 1)
+    data = json.loads((run_dir / "run.json").read_text())["data"]["train"]
+    return window(steps, warmup) | {"wall_s": total, "final_loss": steps[-1]["loss"], "data": data}
+
+
+# --- TRL: a plain SFTTrainer script ---------------------------------------------------------------------------
+
+
+def run_trl_subprocess(job_path: Path, out: Path, *, warmup: int) -> dict:
+    command = [sys.executable, str(Path(__file__).resolve()), "--trl-arm", str(job_path), "--warmup", str(warmup)]
+    started = time.monotonic()
+    env = {**os.environ, "BENCH_OUT": str(out)}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    total = time.monotonic() - started
+    if result.returncode != 0:
+        sys.exit(f"TRL arm failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(out.read_text()) | {"wall_s": total}
+
+
+def trl_arm(job_path: Path, threads: int, warmup: int) -> dict:
+    """Runs in its own process: SFTTrainer on lorafleet's token ids, timed like lorafleet's ProgressReporter."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from lorafleet.config import JobConfig
+    from lorafleet.models import resolve_model
+    from training.data import build_datasets
+
+    torch.set_num_threads(threads)
+    os.nice(int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS)))  # compete for CPU as a Ray worker does
+    job = JobConfig.model_validate(yaml.safe_load(job_path.read_text()))
+    model_dir = resolve_model(job.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples = build_datasets(job.data, tokenizer, seed=job.training.seed).train.examples
+    dataset = Dataset.from_list([{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples])
+
+    records: list[dict] = []
+
+    class LogTimes(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                records.append(
+                    {
+                        "step": state.global_step,
+                        "time": time.time(),
+                        "num_input_tokens_seen": state.num_input_tokens_seen,
+                        "loss": logs["loss"],
+                    }
+                )
+
+    padded = {"slots": 0, "tokens": 0}
+
+    def counting(collate):  # measures how much of each batch is padding; the batch itself is unchanged
+        def collate_and_count(features):
+            batch = collate(features)
+            padded["slots"] += batch["attention_mask"].numel()
+            padded["tokens"] += int(batch["attention_mask"].sum())
+            return batch
+
+        return collate_and_count
+
+    training = job.training
+    config = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.micro_batch_size,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        max_length=job.data.max_seq_len,
+        bf16=False,  # TRL's default is bf16; lorafleet's job here is fp32
+        gradient_checkpointing=False,  # TRL's default is on; lorafleet's is off
+        logging_steps=training.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=training.seed,
+        data_seed=training.seed,
+        use_cpu=True,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    adapter = job.adapter
+    peft_config = LoraConfig(
+        r=adapter.r,
+        lora_alpha=adapter.alpha,
+        lora_dropout=adapter.dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[LogTimes()],
+    )
+    trainer.data_collator = counting(trainer.data_collator)
+    trainer.train()
+    padding_share = 1 - padded["tokens"] / padded["slots"]
+    return window(records, warmup) | {"final_loss": records[-1]["loss"], "padding_share": padding_share}
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = parse_args()
+    if args.trl_arm:
+        job = yaml.safe_load(Path(args.trl_arm).read_text())
+        threads = int(job["distributed"]["resources_per_worker"]["CPU"])
+        result = trl_arm(Path(args.trl_arm), threads, args.warmup)
+        Path(os.environ["BENCH_OUT"]).write_text(json.dumps(result))
+        return
+
+    from lorafleet.demo_data import resolve_builtin_dataset
+    from lorafleet.models import resolve_model
+
+    resolve_model(args.model)  # built or converted once, outside every timed region
+    if args.data.startswith("builtin:"):
+        resolve_builtin_dataset(args.data)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        storage = Path(scratch) / "storage"
+        job_path = Path(scratch) / "job.yaml"
+        job_path.write_text(yaml.safe_dump(job_config(args, storage), sort_keys=False))
+        results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+        for round_ in range(args.repeats):
+            for arm in ARMS:
+                print(f"round {round_ + 1}/{args.repeats}: {arm} ...", file=sys.stderr, flush=True)
+                if arm == "trl":
+                    out = Path(scratch) / f"trl-{round_}.json"
+                    result = run_trl_subprocess(job_path, out, warmup=args.warmup)
+                else:
+                    result = run_lorafleet(
+                        job_path,
+                        storage,
+                        packing=arm.endswith("+pack"),
+                        run_id=f"bench-{arm.replace('+', '-')}-{round_}",
+                        warmup=args.warmup,
+                    )
+                results[arm].append(result)
+                rate, timed, wall = result["tokens_per_s"], result["seconds"], result["wall_s"]
+                print(f"  {rate:,.0f} tok/s over {timed:.1f}s; {wall:.0f}s in all", file=sys.stderr, flush=True)
+    report(args, results)
+
+
+def report(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
+    def middle(runs: list[dict]) -> dict:  # the median round by tokens/s
+        return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
+
+    chosen = {arm: middle(runs) for arm, runs in results.items()}
+    unpacked, packed, trl = chosen["lorafleet"]["data"], chosen["lorafleet+pack"]["data"], chosen["trl"]
+    same_batches = chosen["lorafleet"]["step_tokens"] == trl["step_tokens"]
+    print(
+        f"model {args.model}, data {args.data} ({unpacked['examples']} examples, {unpacked['tokens']:,} tokens), "
+        f"micro batch {args.micro_batch}, max_seq_len {args.max_seq_len}, fp32, {args.threads} torch thread(s) "
+        f"per arm, {args.steps} steps of which the first {args.warmup} are not timed, {args.repeats} round(s)"
+    )
+    print(
+        f"unpacked batches: {trl['padding_share']:.1%} padding (TRL's collator, longest in batch); lorafleet and TRL "
+        f"saw the same tokens in every timed step: {'yes' if same_batches else 'NO'}"
+    )
+    print(
+        f"packed: {packed['sequences']} sequences from {packed['examples']} examples, "
+        f"{packed['packing_efficiency']:.1%} of their max_seq_len slots hold tokens\n"
+    )
+    header = (
+        f"{'arm':<16}{'useful tok/s':>13}{'median step':>13}{'s/step':>8}{'tok/step':>10}"
+        f"{'timed s':>9}{'wall s':>8}{'loss':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for arm, run in chosen.items():
+        print(
+            f"{arm:<16}{run['tokens_per_s']:>13,.0f}{run['step_tokens_per_s']:>13,.0f}"
+            f"{run['seconds'] / run['steps']:>8.3f}{run['tokens'] / run['steps']:>10,.0f}"
+            f"{run['seconds']:>9.1f}{run['wall_s']:>8.1f}{run['final_loss']:>8.3f}"
+        )
+    warmup, steps = args.warmup, args.steps
+    print(
+        "\nuseful tokens = non-padding input tokens: the prompt and response tokens of real examples (the loss is on"
+        "\n  the responses); padding is not counted. useful tok/s = useful tokens / timed s; median step = the"
+        "\n  median of the steps' own rates (less moved by other processes' bursts on a shared machine)."
+        f"\ntimed s = from the log event of step {warmup} to that of step {steps}: data loading, forward, backward,"
+        f"\n  optimizer and per-step logging; NOT process or Ray start-up, model loading, tokenization, the {warmup}"
+        "\n  warm-up steps or the final checkpoint save (wall s, the whole process, includes them).\n"
+    )
+    for arm, goal in GOALS.items():
+        ratio = chosen[arm]["tokens_per_s"] / trl["tokens_per_s"]
+        step_ratio = chosen[arm]["step_tokens_per_s"] / trl["step_tokens_per_s"]
+        what = "tokens/s" if arm == "lorafleet" else "useful tokens/s"
+        verdict = "met" if ratio >= goal else "MISSED"
+        print(f"{arm} / trl {what}: {ratio:.2f}x (median step: {step_ratio:.2f}x); goal >= {goal:.1f}x: {verdict}")
+    ceiling = 1 / (1 - trl["padding_share"])
+    print(
+        f"  (packing saves at most the padding: {trl['padding_share']:.1%} of TRL's unpacked token slots here, i.e. "
+        f"{ceiling:.2f}x fewer slots; more only from fewer, fuller steps)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -45,7 +45,7 @@ def test_demo_trains_evaluates_publishes_serves_and_answers(tmp_path: Path) -> N
         assert len(manifest["data_hash"]) == 64 and manifest["run_id"] == f"demo-{name}"
         assert f"[{name}]" in result.stdout, result.stdout[-3000:]
     assert "served models:" in result.stdout and "price" in result.stdout and "support" in result.stdout
-    assert result.stdout.count("→ ") == 2, result.stdout[-3000:]
+    assert result.stdout.count("→ fine-tuned: ") == 2 and result.stdout.count("→ base model: ") == 2, result.stdout
     assert f"{storage}/runs/demo-price/report/eval.md" in result.stdout
 
     # A second demo reuses the trained runs instead of training again.

@@ -36,7 +36,9 @@ def demo(
     storage: str = typer.Option(None, "--storage", help="Storage root for runs and the registry (default: cache)."),
     configs: Path = typer.Option(REPO_CONFIGS, "--configs", help="Folder with demo.yaml and demo-support.yaml."),
     port: int = typer.Option(0, "--port", help="Port for the demo server (0: any free port)."),
-    eval_examples: int = typer.Option(100, "--eval-examples", help="Test examples per evaluation."),
+    eval_examples: int = typer.Option(
+        None, "--eval-examples", help="Test examples per evaluation (default: the config's eval.max_examples)."
+    ),
 ) -> None:
     """Train, evaluate, publish and serve the two demo adapters, then ask each a question."""
     storage = storage or default_storage_uri()
@@ -49,7 +51,8 @@ def demo(
         # An unfinished run with this id resumes from its last checkpoint.
         _step("lorafleet", "train", str(configs / config_file), "--set", f"storage.uri={storage}", "--run-id", run_id)
     for name, run_id in run_ids.items():
-        _step("lorafleet", "eval", run_id, "--storage", storage, "--max-examples", str(eval_examples))
+        limit = ("--max-examples", str(eval_examples)) if eval_examples else ()
+        _step("lorafleet", "eval", run_id, "--storage", storage, *limit)
         _step("lorafleet", "publish", run_id, "--name", name, "--storage", storage)
     port = port or _free_port()
     server = _start_server(storage, ",".join(run_ids), port)
@@ -82,8 +85,8 @@ def _free_port() -> int:
 
 
 def _start_server(storage: str, adapters: str, port: int) -> subprocess.Popen:
-    command = ["lorafleet", "serve", "--engine", "cpu", "--storage", storage, "--adapters", adapters,
-               "--host", "127.0.0.1", "--port", str(port)]
+    command = ["lorafleet", "serve", "--engine", "cpu", "--storage", storage, "--adapters", adapters]
+    command += ["--host", "127.0.0.1", "--port", str(port)]
     typer.secho(f"\n$ {shlex.join(command)} &", bold=True)
     server = subprocess.Popen([sys.executable, "-m", "lorafleet", *command[1:]], env=os.environ.copy())
     import httpx
@@ -106,12 +109,15 @@ def _ask_each_adapter(port: int, adapters: list[str]) -> None:
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-    models = [model.id for model in client.models.list().data]
-    typer.echo(f"\nserved models: {', '.join(models)}")
+    listed = client.models.list().data
+    typer.echo(f"\nserved models: {', '.join(model.id for model in listed)}")
+    base = next(model.id for model in listed if not (model.model_extra or {}).get("parent"))  # adapters have one
     for adapter in adapters:
         question = QUESTIONS[adapter]
-        answer = client.chat.completions.create(
-            model=adapter, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
-        )
         typer.secho(f"\n[{adapter}] {question}", fg="cyan")
-        typer.echo(f"→ {answer.choices[0].message.content}")
+        for model in (adapter, base):
+            answer = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
+            )
+            label = "fine-tuned" if model == adapter else "base model"
+            typer.echo(f"→ {label}: {answer.choices[0].message.content.strip()}")

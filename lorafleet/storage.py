@@ -100,6 +100,19 @@ def make_readable(root: Path) -> None:
             os.chmod(Path(folder) / name, 0o644)
 
 
+def rename_into_place(staging: Path, target: Path) -> None:
+    """Rename the finished folder `staging` to `target`; an existing `target` is moved aside first and removed
+    after, so `target` always names a whole folder."""
+    if target.exists():
+        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, retired)
+        os.rename(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(staging, target)
+    fsync_dir(target.parent)
+
+
 def install_dir_atomic(source: Path, target: Path, *, replace: bool = False) -> None:
     """Copy folder `source` to `target` under a temporary name, fsync it, then rename it into place.
 
@@ -112,16 +125,9 @@ def install_dir_atomic(source: Path, target: Path, *, replace: bool = False) -> 
         shutil.copytree(source, staging, dirs_exist_ok=True)
         make_readable(staging)
         fsync_tree(staging)
-        if target.exists():
-            if not replace:
-                raise FileExistsError(f"{target} already exists")
-            retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.rename(target, retired)
-            os.rename(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-        fsync_dir(target.parent)
+        if target.exists() and not replace:
+            raise FileExistsError(f"{target} already exists")
+        rename_into_place(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -29,7 +28,7 @@ import yaml
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
-from lorafleet.storage import StorageRoot, fsync_dir, fsync_tree, is_valid_run_id, make_readable
+from lorafleet.storage import StorageRoot, fsync_tree, is_valid_run_id, make_readable, rename_into_place
 
 MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 UNMERGEABLE_PEFT_TYPES = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT")
@@ -210,22 +209,11 @@ def merge_run(
         (staging / "README.md").write_text(model_card(run, adapter_config, summary))
         make_readable(staging)
         fsync_tree(staging)
-        _rename_into_place(staging, out_dir)
+        rename_into_place(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return MergeSummary(**{**summary.__dict__, "seconds": round(time.monotonic() - started, 1)})
-
-
-def _rename_into_place(staging: Path, target: Path) -> None:
-    if target.exists():
-        retired = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.rename(target, retired)
-        os.rename(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, target)
-    fsync_dir(target.parent)
 
 
 def _method_name(adapter_config: dict) -> str:

@@ -47,7 +47,7 @@ class ServingConfig(BaseModel):
     engine: Literal["cpu", "vllm"] = Field("cpu", description="`cpu`: transformers + PEFT here; `vllm`: exec vLLM.")
     base: str = Field(
         "builtin:smollm2-135m-instruct",
-        description="Base model: `builtin:<name>`, a local HF folder or a hub id (adapters must name it).",
+        description="Base model: `builtin:<name>`, a local HF folder, a hub id, or `registry:NAME[@VER]` (merged).",
     )
     served_model_name: str | None = Field(
         None, description="The base model's id in the API (/v1/models, `model`); default: `base` as given."
@@ -189,6 +189,26 @@ def build_serving_config(yaml_path: Path | None, overrides: dict[str, Any]) -> S
                 message = "unknown key (check the spelling)"
             problems.append(Problem(f"{where} {'.'.join(keys) or '(top level)'}", message))
         raise ConfigError(source_name, problems) from None
+
+
+REGISTRY_BASE_PREFIX = "registry:"
+
+
+def with_registry_base(config: ServingConfig) -> ServingConfig:
+    """`base: registry:NAME[@vN|@ALIAS]`: a merged model published with `lorafleet publish --merged`, served from
+    its immutable `<storage>/models/NAME/vN/` folder under the id NAME (unless `served_model_name` says otherwise)."""
+    if not config.base.startswith(REGISTRY_BASE_PREFIX):
+        return config
+    from lorafleet.registry import resolve
+
+    reference = config.base.removeprefix(REGISTRY_BASE_PREFIX)
+    try:
+        found = resolve(config.storage_uri, reference, kind="models")
+    except LorafleetError as exc:
+        raise ConfigError(f"registry {config.storage_uri}", [Problem(f"base {config.base}", str(exc))]) from None
+    return config.model_copy(
+        update={"base": str(found.path), "served_model_name": config.served_model_name or found.name}
+    )
 
 
 def with_registry_adapters(config: ServingConfig) -> ServingConfig:

@@ -160,3 +160,17 @@ def test_registry_adapters_bring_their_base_unless_one_is_given(tiny_model_dir, 
     mixed = run_cli("serve", "--engine", "vllm", "--print-command", "--storage", storage, "--adapters", "price,sql")
     assert mixed.returncode == 2
     assert "trained on different bases" in mixed.stderr and "org/other-model (sql)" in mixed.stderr
+
+
+def test_merged_model_from_the_registry_is_served_as_the_base(tiny_model_dir, tmp_path):
+    storage = str(tmp_path / "storage")
+    published = run_cli("publish", tiny_model_dir, "--name", "tiny-merged", "--merged", "--storage", storage)
+    assert published.returncode == 0, published.stderr
+    argv = ("serve", "--engine", "vllm", "--print-command", "--storage", storage)
+    shown = run_cli(*argv, "--base", "registry:tiny-merged@v1")
+    assert shown.returncode == 0, shown.stderr
+    command = shlex.split(shown.stdout)
+    assert command[2] == str(tmp_path / "storage" / "models" / "tiny-merged" / "v1")
+    assert command[command.index("--served-model-name") + 1] == "tiny-merged"
+    missing = run_cli(*argv, "--base", "registry:tiny-merged@v7")
+    assert missing.returncode == 2 and "base registry:tiny-merged@v7" in missing.stderr

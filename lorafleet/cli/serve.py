@@ -15,7 +15,9 @@ import typer
 from lorafleet.errors import ConfigError, Problem
 
 # The options that pick the base model and its adapters; `lorafleet batch` takes the same ones.
-BaseOption = typer.Option(None, "--base", help="Base model: builtin:<name>, a local folder or a hub id.")
+BaseOption = typer.Option(
+    None, "--base", help="Base model: builtin:<name>, a local folder, a hub id, or registry:NAME[@VER] (merged)."
+)
 AdapterOption = typer.Option(None, "--adapter", help="NAME=PATH of an adapter to load at start. Repeatable.")
 AdaptersOption = typer.Option(None, "--adapters", help="Registry adapters NAME[@ALIAS],... (in --storage).")
 StorageOption = typer.Option(None, "--storage", help="Shared storage URI holding the registry.")
@@ -29,9 +31,9 @@ def split_list(text: str | None) -> list[str]:
 
 def serving_settings(config: Path | None, overrides: dict):
     """The ServingConfig of YAML + flags, with `--adapters` resolved in the registry (every problem at once)."""
-    from serving.config import build_serving_config, with_registry_adapters
+    from serving.config import build_serving_config, with_registry_adapters, with_registry_base
 
-    return with_registry_adapters(build_serving_config(config, overrides))
+    return with_registry_adapters(with_registry_base(build_serving_config(config, overrides)))
 
 
 def model_overrides(base: str | None, adapter: list[str] | None, adapters: str | None, storage: str | None) -> dict:

@@ -13,9 +13,11 @@ model that later runs would trust.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -60,7 +62,9 @@ def resolve_model(reference: str, *, provision: bool = True) -> str:
         return str(target)
     if not provision:
         raise ModelNotFound(f"{reference} is not provisioned yet: run `lorafleet models pull {reference}`")
-    build_atomically(target, _BUILDERS[name])
+    # Building imports ML libraries that log to stdout (DeepSpeed's accelerator notice); stdout carries results only.
+    with contextlib.redirect_stdout(sys.stderr):
+        build_atomically(target, _BUILDERS[name])
     return str(target)
 
 

@@ -24,7 +24,6 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -47,8 +46,8 @@ def parse_args() -> argparse.Namespace:
 
 
 async def _one(engine, prompt_ids, model, tokens, streams: list | None = None) -> int:
-    from serving.engine import GenerationRequest
-    from serving.sampling import SamplingParams
+    from lorafleet.serving.engine import GenerationRequest
+    from lorafleet.serving.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     stream = engine.submit(GenerationRequest(prompt_ids, model, params), asyncio.get_running_loop())
@@ -133,9 +132,9 @@ def main() -> None:
     import torch
 
     from lorafleet.models import resolve_model
-    from serving.config import ServingConfig
-    from serving.engine import CPUEngine
-    from serving.testing import make_adapter
+    from lorafleet.serving.config import ServingConfig
+    from lorafleet.serving.engine import CPUEngine
+    from lorafleet.serving.testing import make_adapter
 
     base_dir = resolve_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="lorafleet-bench-"))

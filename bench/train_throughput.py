@@ -46,7 +46,6 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("LORAFLEET_HOME", str(REPO / ".cache" / "lorafleet"))
@@ -132,7 +131,7 @@ def window(records: list[dict], warmup: int) -> dict:
 LORAFLEET_TRAIN = """
 import sys
 from lorafleet.config import load_job_config
-from training.launcher import run_training
+from lorafleet.training.launcher import run_training
 run_training(load_job_config(sys.argv[1], sys.argv[3:]), run_id=sys.argv[2])
 """
 
@@ -175,7 +174,7 @@ def trl_arm(job_path: Path, threads: int, warmup: int) -> dict:
 
     from lorafleet.config import JobConfig
     from lorafleet.models import resolve_model
-    from training.data import build_datasets
+    from lorafleet.training.data import build_datasets
 
     torch.set_num_threads(threads)
     os.nice(int(os.environ.get("RAY_worker_niceness", RAY_WORKER_NICENESS)))  # compete for CPU as a Ray worker does

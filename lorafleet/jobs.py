@@ -59,8 +59,8 @@ class Submission:
 
 
 def new_run_id(job: JobConfig, run_id: str | None) -> str:
-    from training.launcher import new_run_id as generated
-    from training.launcher import validate_run_id
+    from lorafleet.training.launcher import new_run_id as generated
+    from lorafleet.training.launcher import validate_run_id
 
     return validate_run_id(run_id or generated(job.name))
 

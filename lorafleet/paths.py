@@ -22,3 +22,10 @@ def data_dir() -> Path:
 def default_storage_uri() -> str:
     """`$LORAFLEET_STORAGE`, else a folder in the cache: runs and the registry go there."""
     return os.environ.get("LORAFLEET_STORAGE") or str(home() / "storage")
+
+
+def shipped_configs_dir() -> Path:
+    """The job configs shipped with lorafleet (`configs/` of the repo, `lorafleet/configs/` in a wheel)."""
+    import lorafleet.configs
+
+    return Path(lorafleet.configs.__file__).parent

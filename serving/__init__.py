@@ -11,5 +11,5 @@
     client.py          typed admin client (models, load, unload) for either engine
     testing.py         random adapters for tests and benchmarks
 
-`serving` imports `lorafleet`, never `training`.
+`lorafleet.serving` imports the shared `lorafleet` modules, never `lorafleet.training`.
 """

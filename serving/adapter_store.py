@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from serving.adapters import AdapterError, AdapterSpec, VirtualTokens, read_virtual_tokens
-from serving.config import ServingConfig
-from serving.lora_stack import LoraStack
+from lorafleet.serving.adapters import AdapterError, AdapterSpec, VirtualTokens, read_virtual_tokens
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.lora_stack import LoraStack
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed batch
 MIXED = "mixed"  # the batch that LoRA, prompt-learning and base rows share

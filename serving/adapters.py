@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from lorafleet.errors import LorafleetError
-from serving.config import ServingConfig, check_adapter_name
+from lorafleet.serving.config import ServingConfig, check_adapter_name
 
 AdapterKind = Literal["lora", "dora", "prompt", "prefix"]
 SERVED_PEFT_TYPES = {"LORA": "lora", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}

@@ -26,13 +26,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from serving.adapters import AdapterError
-from serving.batcher import Delta, QueueFull, RequestStream, ServingError
-from serving.config import ServingConfig
-from serving.engine import CPUEngine, GenerationRequest, UnknownModel
-from serving.metrics import ServerMetrics
-from serving.middleware import ApiKey, BodyLimit, RequestMetrics, error_body
-from serving.protocol import (
+from lorafleet.serving.adapters import AdapterError
+from lorafleet.serving.batcher import Delta, QueueFull, RequestStream, ServingError
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.engine import CPUEngine, GenerationRequest, UnknownModel
+from lorafleet.serving.metrics import ServerMetrics
+from lorafleet.serving.middleware import ApiKey, BodyLimit, RequestMetrics, error_body
+from lorafleet.serving.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -50,7 +50,7 @@ from serving.protocol import (
     Unsupported,
     Usage,
 )
-from serving.sampling import SamplingParams
+from lorafleet.serving.sampling import SamplingParams
 
 ROUTES = {
     "/",

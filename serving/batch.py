@@ -36,8 +36,8 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafleet.errors import LorafleetError
-from serving.config import ServingConfig
-from serving.protocol import ChatCompletionRequest, CompletionRequest
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
 RETRY_STATUSES = {429, 502, 503, 504}
@@ -275,8 +275,8 @@ def error_text(payload: Any) -> str:
 @asynccontextmanager
 async def in_process_sender(settings: ServingConfig, concurrency: int):
     """The CPU engine started here, reached through the server's ASGI app (same validation and answers)."""
-    from serving.app import create_app
-    from serving.engine import CPUEngine
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.engine import CPUEngine
 
     settings = settings.model_copy(update={"api_key": None, "max_queue": max(settings.max_queue, concurrency)})
     engine = CPUEngine(settings)
@@ -334,7 +334,7 @@ def run_batch(job: BatchJob) -> BatchSummary:
             bar.update(1)
 
         if todo and job.ray:
-            from serving.batch_ray import answer_on_ray
+            from lorafleet.serving.batch_ray import answer_on_ray
 
             answer_on_ray(job, todo, on_done)
         elif todo:

@@ -13,8 +13,8 @@ import asyncio
 import json
 from typing import Any
 
-from serving.batch import BatchJob, Row, Sender, answer_all, in_process_sender
-from serving.config import ServingConfig
+from lorafleet.serving.batch import BatchJob, Row, Sender, answer_all, in_process_sender
+from lorafleet.serving.config import ServingConfig
 
 ROWS_PER_CALL = 16
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import httpx
 
 from lorafleet.errors import LorafleetError
-from serving.protocol import LoadLoraAdapterRequest, ModelList, UnloadLoraAdapterRequest
+from lorafleet.serving.protocol import LoadLoraAdapterRequest, ModelList, UnloadLoraAdapterRequest
 
 
 class ServingAPIError(LorafleetError):

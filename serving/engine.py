@@ -34,12 +34,12 @@ from typing import Any
 
 import torch
 
-from serving.adapter_store import MIXED, AdapterStore, LoadedAdapter
-from serving.adapters import AdapterError, VirtualTokens, inspect_adapter
-from serving.batcher import Batcher, Delta, EngineStopped, RequestStream, ServingError, deliver
-from serving.config import ServingConfig
-from serving.kvbatch import RunningBatch, make_cache
-from serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
+from lorafleet.serving.adapter_store import MIXED, AdapterStore, LoadedAdapter
+from lorafleet.serving.adapters import AdapterError, VirtualTokens, inspect_adapter
+from lorafleet.serving.batcher import Batcher, Delta, EngineStopped, RequestStream, ServingError, deliver
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.kvbatch import RunningBatch, make_cache
+from lorafleet.serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
 
 log = logging.getLogger("lorafleet.serving")
 TORCH_DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -9,7 +9,7 @@ import secrets
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.metrics import ServerMetrics
+from lorafleet.serving.metrics import ServerMetrics
 
 # The playground page is static and holds no data; it asks the user for the key and sends it on its API calls.
 UNAUTHENTICATED_PATHS = ("/", "/health")

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from serving.config import ServingConfig
+from lorafleet.serving.config import ServingConfig
 
 
 class ServerThread:

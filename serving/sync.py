@@ -38,8 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lorafleet.errors import LorafleetError
 from lorafleet.paths import default_storage_uri
 from lorafleet.registry import NotFound, Registry, RegistryError, parse_reference, resolve
-from serving.client import ServingAPIError, ServingClient
-from serving.config import check_adapter_name
+from lorafleet.serving.client import ServingAPIError, ServingClient
+from lorafleet.serving.config import check_adapter_name
 
 log = logging.getLogger("lorafleet.sync")
 T = TypeVar("T")

@@ -27,7 +27,7 @@ import os
 import shutil
 
 from lorafleet.errors import LorafleetError
-from serving.config import ServingConfig
+from lorafleet.serving.config import ServingConfig
 
 VLLM_VERSION = "0.33.0"
 

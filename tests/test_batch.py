@@ -10,11 +10,11 @@ import re
 import httpx
 import pytest
 
-from serving.app import create_app
-from serving.batch import BatchJob, run_batch
-from serving.config import ServingConfig
-from serving.server import ServerThread
-from serving.testing import make_adapter
+from lorafleet.serving.app import create_app
+from lorafleet.serving.batch import BatchJob, run_batch
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.server import ServerThread
+from lorafleet.serving.testing import make_adapter
 from tests.conftest import run_cli
 
 BASE_ID = "tiny"

@@ -40,8 +40,8 @@ def test_cluster_example_is_what_its_name_says(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_cluster_example_passes_the_checks_before_workers_start(name: str) -> None:
-    from training.launcher import preflight
-    from training.strategies import deepspeed_config, quantized_storage_dtype
+    from lorafleet.training.launcher import preflight
+    from lorafleet.training.strategies import deepspeed_config, quantized_storage_dtype
 
     job = load_job_config(CONFIGS / name)
     if job.distributed.strategy == "deepspeed":
@@ -59,7 +59,7 @@ def test_cluster_example_deepspeed_config_is_what_deepspeed_accepts(tmp_path: Pa
     from deepspeed.runtime.config import DeepSpeedConfig
 
     from tests.test_strategies import finalized
-    from training.strategies import deepspeed_config
+    from lorafleet.training.strategies import deepspeed_config
 
     job = load_job_config(CONFIGS / name)
     # TrainingArguments refuse a GPU job on this CPU machine: its auto values are filled in by a CPU twin.

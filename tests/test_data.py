@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 from lorafleet.config import DataSection
 from lorafleet.errors import DataError
 from tests.conftest import run_cli
-from training.data import build_datasets, encode, load_samples, split_holdout, token_boundary
-from training.data_formats import Alpaca, Chat, Completion, Message, Renderer, Text
-from training.data_packing import IGNORE_INDEX, Collator, pack
-from training.data_sources import DataSourceError, load_rows
+from lorafleet.training.data import build_datasets, encode, load_samples, split_holdout, token_boundary
+from lorafleet.training.data_formats import Alpaca, Chat, Completion, Message, Renderer, Text
+from lorafleet.training.data_packing import IGNORE_INDEX, Collator, pack
+from lorafleet.training.data_sources import DataSourceError, load_rows
 
 ROWS: dict[str, list[dict[str, Any]]] = {
     "alpaca": [

@@ -19,10 +19,10 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from serving.app import create_app
-from serving.config import ServingConfig
-from serving.server import ServerThread
-from serving.testing import make_adapter
+from lorafleet.serving.app import create_app
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.server import ServerThread
+from lorafleet.serving.testing import make_adapter
 
 BASE_ID = "tiny"
 PROMPT = "Tell me about the sea"

@@ -13,7 +13,7 @@ import yaml
 
 from lorafleet.config import JobConfig
 from tests.conftest import run_cli
-from training.evaluate_metrics import (
+from lorafleet.training.evaluate_metrics import (
     detect_task,
     numeric_metrics,
     parse_answer_number,
@@ -45,9 +45,9 @@ def train_run_folder(job: JobConfig, run_id: str) -> Path:
     from transformers import AutoModelForCausalLM
 
     from lorafleet.models import resolve_model
-    from training.adapters import apply_adapter
-    from training.data import Collator, build_datasets
-    from training.model import load_tokenizer
+    from lorafleet.training.adapters import apply_adapter
+    from lorafleet.training.data import Collator, build_datasets
+    from lorafleet.training.model import load_tokenizer
 
     run_dir = Path(job.storage.uri) / "runs" / run_id
     torch.manual_seed(job.training.seed)
@@ -189,7 +189,7 @@ def test_base_and_finetuned_differ_on_the_same_examples(trained_run: Path, cli_r
     rows = [json.loads(line) for line in (trained_run / "report" / "eval_generations.jsonl").read_text().splitlines()]
     assert [row["base"] for row in rows] != [row["finetuned"] for row in rows]
     # the same examples: exactly training's seeded holdout, in order
-    from training.data import load_samples, split_holdout
+    from lorafleet.training.data import load_samples, split_holdout
 
     job = JobConfig.model_validate(yaml.safe_load((trained_run / "config.yaml").read_text()))
     _, held_out = split_holdout(
@@ -212,8 +212,8 @@ def test_both_models_are_checked_to_see_the_same_examples(
     """The fine-tuned model's run (or one of its passes) silently skipping an example is an error."""
     import dataclasses
 
-    import training.evaluate as evaluate
-    from training.export import open_run
+    import lorafleet.training.evaluate as evaluate
+    from lorafleet.training.export import open_run
 
     run = open_run(trained_run)
     settings = evaluate.resolve_settings(run.job, max_examples=4, max_new_tokens=2, split="test")

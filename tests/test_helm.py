@@ -561,7 +561,7 @@ def test_cpu_container_serves_and_helm_test_passes(tiny_model_dir, tmp_path):
     """End to end without a cluster: run the cpu-backend container's rendered command and env as a process (the
     shared storage is a local folder), then run the rendered `helm test` script against it with curl."""
     from lorafleet.registry import publish_adapter
-    from serving.testing import make_adapter
+    from lorafleet.serving.testing import make_adapter
 
     mount, port, key = tmp_path / "storage", free_port(), "sk-e2e"
     adapters = [{"name": "pricing", "version": "v1"}, {"name": "support", "version": "v2"}]

@@ -20,8 +20,8 @@ def make_run(storage: Path, method: str, *, quantization: str = "none") -> Path:
     from transformers import AutoModelForCausalLM
 
     from lorafleet.models import resolve_model
-    from training.adapters import PEFT_CONFIG_BUILDERS
-    from training.model import load_tokenizer
+    from lorafleet.training.adapters import PEFT_CONFIG_BUILDERS
+    from lorafleet.training.model import load_tokenizer
 
     job = JobConfig.model_validate(
         {
@@ -76,7 +76,7 @@ def merged_logits(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_fp32_merge_reproduces_base_plus_adapter(tmp_path: Path, method: str) -> None:
-    from training.export import merge_run, open_run
+    from lorafleet.training.export import merge_run, open_run
 
     run_dir = make_run(tmp_path, method)
     summary = merge_run(open_run(run_dir), tmp_path / "merged", dtype="fp32")
@@ -109,7 +109,7 @@ def test_bf16_merge_via_cli_is_sharded_and_within_bf16_tolerance(tmp_path: Path)
 
 
 def test_model_card_names_base_method_data_hash_and_metrics(tmp_path: Path) -> None:
-    from training.export import data_hash, merge_run, open_run
+    from lorafleet.training.export import data_hash, merge_run, open_run
 
     run_dir = make_run(tmp_path, "lora")
     report = {
@@ -139,7 +139,7 @@ def test_model_card_names_base_method_data_hash_and_metrics(tmp_path: Path) -> N
 
 
 def test_qlora_runs_merge_into_the_unquantized_base(tmp_path: Path) -> None:
-    from training.export import merge_run, open_run
+    from lorafleet.training.export import merge_run, open_run
 
     run_dir = make_run(tmp_path, "lora", quantization="4bit")  # no bitsandbytes or GPU needed to merge
     merge_run(open_run(run_dir), tmp_path / "merged", dtype="fp32")
@@ -158,7 +158,7 @@ def test_prefix_tuning_cannot_be_merged(tmp_path: Path) -> None:
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
-    from training.export import MergeError, merge_run, open_run
+    from lorafleet.training.export import MergeError, merge_run, open_run
 
     run = open_run(make_run(tmp_path, "lora"))
     out = tmp_path / "merged"

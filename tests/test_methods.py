@@ -52,7 +52,7 @@ def tiny_job(storage: Path, name: str = "tiny", **sections: dict[str, Any]) -> J
 
 def train_in_process(job: JobConfig, workdir: Path, *, callbacks: tuple = ()):
     """(trainer, data) from the worker's own `build_trainer`: run folder `workdir/run`, HF output `workdir/out`."""
-    from training.worker import build_trainer
+    from lorafleet.training.worker import build_trainer
 
     return build_trainer(
         job,
@@ -68,7 +68,7 @@ def export_final_adapter(workdir: Path, job: JobConfig) -> Path:
     """The last HF checkpoint, exported exactly as the launcher exports a Ray checkpoint."""
     from ray.train import Checkpoint
 
-    from training.launcher import export_adapter
+    from lorafleet.training.launcher import export_adapter
 
     checkpoints = sorted((workdir / "out").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     target = workdir / "adapter"
@@ -96,7 +96,7 @@ def test_method_trains_and_its_adapter_reloads_with_plain_peft(
     from torch.utils.data import Subset
     from transformers import AutoModelForCausalLM
 
-    from training.data import Collator
+    from lorafleet.training.data import Collator
 
     job = tiny_job(
         tmp_path,
@@ -131,7 +131,7 @@ def test_method_trains_and_its_adapter_reloads_with_plain_peft(
 def test_missing_target_module_lists_the_real_ones(tmp_path: Path, tiny_model_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from training.adapters import apply_adapter
+    from lorafleet.training.adapters import apply_adapter
 
     job = tiny_job(tmp_path, adapter={"method": "lora", "target_modules": ["q_proj", "qkv_proj"]})
     with pytest.raises(LorafleetError) as error:
@@ -146,7 +146,7 @@ def test_missing_target_module_lists_the_real_ones(tmp_path: Path, tiny_model_di
 def test_target_module_list_and_method_knobs_reach_the_peft_config(tmp_path: Path, tiny_model_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    from training.adapters import PEFT_CONFIG_BUILDERS
+    from lorafleet.training.adapters import PEFT_CONFIG_BUILDERS
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     lora = tiny_job(tmp_path, adapter={"method": "lora", "target_modules": ["q_proj", "v_proj"], "use_rslora": True})

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.packed_attention import NAME, example_lengths, use_packed_attention
+from lorafleet.training.packed_attention import NAME, example_lengths, use_packed_attention
 
 # Two rows: three examples plus the collator's padding run; one example filling the row.
 POSITIONS = torch.tensor([list(range(15)) + list(range(20)) + list(range(5)), list(range(40))])

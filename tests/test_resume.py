@@ -70,7 +70,7 @@ def test_stop_at_6_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> Non
 
 
 def test_an_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
-    from training.worker import require_complete_checkpoint
+    from lorafleet.training.worker import require_complete_checkpoint
 
     (tmp_path / "adapter_config.json").write_text("{}")  # the model was written, the trainer state was not
     with pytest.raises(LorafleetError, match="incomplete .*trainer_state.json"):
@@ -80,7 +80,7 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_reads_the_saved_config(tmp_path: Path) -> None:
-    from training.launcher import _write_run_file, load_run_config
+    from lorafleet.training.launcher import _write_run_file, load_run_config
 
     job = tiny_job(tmp_path, distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3, "offload_params": True}})
     _write_run_file(f"{tmp_path}/runs/saved", "config.yaml", job.to_yaml())

@@ -22,11 +22,11 @@ import httpx
 import openai
 import pytest
 
-from serving.app import create_app
-from serving.client import ServingAPIError, ServingClient
-from serving.config import ServingConfig
-from serving.server import ServerThread
-from serving.testing import make_adapter
+from lorafleet.serving.app import create_app
+from lorafleet.serving.client import ServingAPIError, ServingClient
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.server import ServerThread
+from lorafleet.serving.testing import make_adapter
 from tests.conftest import REPO
 
 BASE_ID = "tiny"

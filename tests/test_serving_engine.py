@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from serving.adapters import AdapterError, inspect_adapter
-from serving.batcher import EngineStopped, QueueFull
-from serving.config import ServingConfig
-from serving.engine import CPUEngine, GenerationRequest, UnknownModel
-from serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
-from serving.testing import make_adapter
+from lorafleet.serving.adapters import AdapterError, inspect_adapter
+from lorafleet.serving.batcher import EngineStopped, QueueFull
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.engine import CPUEngine, GenerationRequest, UnknownModel
+from lorafleet.serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
+from lorafleet.serving.testing import make_adapter
 
 PROMPTS = ["Hello there", "The quick brown fox jumps over", "x"]
 KINDS = {"a": "lora", "b": "lora-all", "d": "dora", "pt": "prompt", "px": "prefix", "pe": "ptuning"}
@@ -340,7 +340,7 @@ def test_registry_adapters_resolve_to_published_versions(tiny_model_dir, adapter
     """`lorafleet serve --storage URI --adapters NAME@ALIAS`: served under the registry name, from the version."""
     from lorafleet.errors import ConfigError
     from lorafleet.registry import publish_adapter
-    from serving.config import with_registry_adapters
+    from lorafleet.serving.config import with_registry_adapters
 
     storage = tmp_path / "storage"
     published = publish_adapter(str(storage), "pricing", adapter_dir / "a")
@@ -367,7 +367,7 @@ def test_stacked_lora_matches_peft_mixed_forward(tiny_model_dir, tmp_path):
     """3 adapters of ranks 4, 8, 16 (two target q/v, one every linear layer) + base rows: same logits as PEFT."""
     from transformers import AutoModelForCausalLM
 
-    from serving.adapter_store import BASE, MIXED, AdapterStore
+    from lorafleet.serving.adapter_store import BASE, MIXED, AdapterStore
 
     made = {
         "r4": make_adapter(tiny_model_dir, tmp_path / "r4", "lora", seed=11, rank=4),
@@ -455,8 +455,8 @@ def test_nan_adapter_fails_alone_over_http(tiny_model_dir, adapter_dir, nan_adap
     """Concurrent requests (official client) for a NaN adapter and healthy ones: only the NaN ones get a 500."""
     import openai
 
-    from serving.app import create_app
-    from serving.server import ServerThread
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.server import ServerThread
 
     config = ServingConfig(
         base=tiny_model_dir,

@@ -19,10 +19,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.app import create_app
-from serving.config import ServingConfig
-from serving.server import ServerThread
-from serving.testing import make_adapter
+from lorafleet.serving.app import create_app
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.server import ServerThread
+from lorafleet.serving.testing import make_adapter
 
 BASE_ID = "tiny"
 MODELS = (BASE_ID, "a", "b")

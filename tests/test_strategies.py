@@ -33,7 +33,7 @@ def finalized(job, tmp_path: Path, config: dict) -> dict:
     """The DeepSpeed config as the HF Trainer hands it to DeepSpeed: every `auto` filled in from the job."""
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-    from training.worker import training_arguments
+    from lorafleet.training.worker import training_arguments
 
     args = training_arguments(job, str(tmp_path / "out"), has_eval=False, deepspeed=config)
     try:
@@ -59,7 +59,7 @@ GENERATED = [
 def test_generated_deepspeed_config_is_what_deepspeed_accepts(tmp_path: Path, settings: dict, offloads: dict) -> None:
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from training.strategies import deepspeed_config
+    from lorafleet.training.strategies import deepspeed_config
 
     job = ds_job(tmp_path, **settings)
     config = deepspeed_config(job)
@@ -88,7 +88,7 @@ def test_deepspeed_rejects_what_it_does_not_know(tmp_path: Path) -> None:
 
 
 def test_a_user_deepspeed_file_is_used_as_is(tmp_path: Path) -> None:
-    from training.strategies import deepspeed_config, quantized_storage_dtype, zero_stage
+    from lorafleet.training.strategies import deepspeed_config, quantized_storage_dtype, zero_stage
 
     user = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto", "steps_per_print": 5}
     (tmp_path / "ds.json").write_text(json.dumps(user))
@@ -148,8 +148,8 @@ def test_fsdp_on_cpu_is_refused_before_workers_start(tmp_path: Path) -> None:
 
 
 def test_fsdp_job_that_lands_on_a_cpu_worker_is_refused(tmp_path: Path) -> None:
-    from training.strategies import StrategyUnavailable
-    from training.worker import build_trainer
+    from lorafleet.training.strategies import StrategyUnavailable
+    from lorafleet.training.worker import build_trainer
 
     job = tiny_job(tmp_path, distributed={"strategy": "fsdp", "use_gpu": True})
     with pytest.raises(StrategyUnavailable, match="fsdp needs CUDA workers"):
@@ -157,7 +157,7 @@ def test_fsdp_job_that_lands_on_a_cpu_worker_is_refused(tmp_path: Path) -> None:
 
 
 def test_accelerate_silently_dropping_a_strategy_is_caught() -> None:
-    from training.strategies import StrategyUnavailable, require_engine
+    from lorafleet.training.strategies import StrategyUnavailable, require_engine
 
     plain = SimpleNamespace(is_deepspeed_enabled=False, is_fsdp_enabled=False)
     for strategy in ("deepspeed", "fsdp"):
@@ -171,7 +171,7 @@ def test_generated_fsdp_settings_are_what_accelerate_accepts(tmp_path: Path, fsd
     from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import TrainingArguments
 
-    from training.strategies import fsdp_config, strategy_arguments
+    from lorafleet.training.strategies import fsdp_config, strategy_arguments
 
     job = tiny_job(
         tmp_path,
@@ -192,11 +192,11 @@ def test_generated_fsdp_settings_are_what_accelerate_accepts(tmp_path: Path, fsd
 
 
 def test_a_missing_deepspeed_package_fails_before_ray_starts(tmp_path: Path, monkeypatch) -> None:
-    import training.strategies
-    from training.launcher import preflight
+    from lorafleet.training import strategies
+    from lorafleet.training.launcher import preflight
 
-    monkeypatch.setattr(training.strategies, "deepspeed_installed", lambda: False)
-    with pytest.raises(training.strategies.StrategyUnavailable, match="pip install 'deepspeed"):
+    monkeypatch.setattr(strategies, "deepspeed_installed", lambda: False)
+    with pytest.raises(strategies.StrategyUnavailable, match="pip install 'deepspeed"):
         preflight(ds_job(tmp_path, stage=2), embedded=True)
 
 

@@ -17,12 +17,12 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from lorafleet.registry import promote, publish_adapter, rollback, unpublish
-from serving.app import create_app
-from serving.client import ServingClient
-from serving.config import ServingConfig
-from serving.server import ServerThread
-from serving.sync import SyncConfig, Syncer, parse_duration
-from serving.testing import make_adapter
+from lorafleet.serving.app import create_app
+from lorafleet.serving.client import ServingClient
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.server import ServerThread
+from lorafleet.serving.sync import SyncConfig, Syncer, parse_duration
+from lorafleet.serving.testing import make_adapter
 from tests.conftest import run_cli
 
 BASE_ID = "tiny"

@@ -50,11 +50,11 @@ def test_quantized_base_trains_three_steps_on_cpu(tmp_path: Path, model: dict, l
 
 
 def test_quantization_without_bitsandbytes_fails_before_loading(tmp_path: Path, monkeypatch) -> None:
-    import training.model
+    from lorafleet.training import model
 
-    monkeypatch.setattr(training.model, "bitsandbytes_installed", lambda: False)
+    monkeypatch.setattr(model, "bitsandbytes_installed", lambda: False)
     job = tiny_job(tmp_path, model={"quantization": "4bit"})
-    with pytest.raises(training.model.UnsupportedOnDevice, match=r"needs bitsandbytes: pip install"):
+    with pytest.raises(model.UnsupportedOnDevice, match=r"needs bitsandbytes: pip install"):
         train_in_process(job, tmp_path)
 
 
@@ -62,7 +62,7 @@ def test_quantization_without_bitsandbytes_fails_before_loading(tmp_path: Path, 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_quantization_on_a_device_bitsandbytes_cannot_run_on_is_refused(tmp_path: Path, mode: str) -> None:
     """The probe runs a real quantized layer on the device; `meta` stands in for any unsupported device."""
-    from training.model import UnsupportedOnDevice, check_quantization
+    from lorafleet.training.model import UnsupportedOnDevice, check_quantization
 
     job = tiny_job(tmp_path, model={"quantization": mode})
     with pytest.raises(UnsupportedOnDevice, match=rf"quantization: {mode} cannot run on meta with bitsandbytes"):
@@ -73,7 +73,7 @@ def test_quantization_on_a_device_bitsandbytes_cannot_run_on_is_refused(tmp_path
 
 
 def test_fp16_on_a_cpu_worker_is_refused_before_loading(tmp_path: Path) -> None:
-    from training.model import UnsupportedOnDevice
+    from lorafleet.training.model import UnsupportedOnDevice
 
     # The config already refuses fp16 without use_gpu; a GPU job that lands on a CPU worker is caught here.
     job = tiny_job(tmp_path, training={"precision": "fp16"}, distributed={"use_gpu": True})
@@ -98,7 +98,7 @@ def test_gpu_job_on_a_machine_without_cuda_fails_before_ray_starts(tmp_path: Pat
 
 
 def test_schedule_warmup_decay_clipping_and_accumulation_reach_the_trainer(tmp_path: Path) -> None:
-    from training.worker import training_arguments
+    from lorafleet.training.worker import training_arguments
 
     job = tiny_job(
         tmp_path,
@@ -233,7 +233,7 @@ def test_tensorboard_has_train_and_eval_scalars(plateau_run) -> None:
 
 
 def test_loss_plot_shows_train_and_eval(plateau_run) -> None:
-    from training.launcher import _plot_losses
+    from lorafleet.training.launcher import _plot_losses
 
     _, _, run_dir = plateau_run
     _plot_losses(str(run_dir))
@@ -242,7 +242,7 @@ def test_loss_plot_shows_train_and_eval(plateau_run) -> None:
 
 
 def test_loss_plot_keeps_the_resumed_values_and_marks_restarts(tmp_path: Path) -> None:
-    from training.plots import latest_per_step, plot_loss_curves, restarts
+    from lorafleet.training.plots import latest_per_step, plot_loss_curves, restarts
 
     records = [
         {"event": "train_begin", "step": 0, "resumed": False},
@@ -262,9 +262,9 @@ def test_loss_plot_keeps_the_resumed_values_and_marks_restarts(tmp_path: Path) -
 
 @pytest.mark.parametrize("sink", ["wandb", "mlflow"])
 def test_a_missing_sink_package_fails_before_training(tmp_path: Path, monkeypatch, sink: str) -> None:
-    import training.sinks
+    from lorafleet.training import sinks
 
-    monkeypatch.setattr(training.sinks, "is_installed", lambda module: False)
+    monkeypatch.setattr(sinks, "is_installed", lambda module: False)
     job = tiny_job(tmp_path, training={"logging": ["tensorboard", sink]})
     with pytest.raises(LorafleetError, match=rf"training.logging lists {sink} .* pip install {sink}"):
         train_in_process(job, tmp_path)

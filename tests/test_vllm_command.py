@@ -14,8 +14,8 @@ import shlex
 import pytest
 
 from lorafleet.errors import ConfigError
-from serving.config import ServingConfig, build_serving_config
-from serving.vllm import VLLM_VERSION, render_vllm_command, vllm_environment
+from lorafleet.serving.config import ServingConfig, build_serving_config
+from lorafleet.serving.vllm import VLLM_VERSION, render_vllm_command, vllm_environment
 from tests.conftest import run_cli
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
@@ -141,7 +141,7 @@ def test_registry_adapters_bring_their_base_unless_one_is_given(tiny_model_dir, 
     import json
 
     from lorafleet.registry import publish_adapter
-    from serving.testing import make_adapter
+    from lorafleet.serving.testing import make_adapter
 
     storage = str(tmp_path / "storage")
     for name, seed in (("price", 1), ("support", 2)):

@@ -25,9 +25,9 @@ from torch.utils.data import Dataset
 
 from lorafleet.config import DataSection
 from lorafleet.errors import Problem
-from training.data_formats import Rendered, Renderer, RenderError, Sample, parse_rows, raise_for_problems
-from training.data_packing import IGNORE_INDEX, Collator, pack, packing_efficiency
-from training.data_sources import DataSourceError, Row, load_rows, read_file
+from lorafleet.training.data_formats import Rendered, Renderer, RenderError, Sample, parse_rows, raise_for_problems
+from lorafleet.training.data_packing import IGNORE_INDEX, Collator, pack, packing_efficiency
+from lorafleet.training.data_sources import DataSourceError, Row, load_rows, read_file
 
 __all__ = [
     "Collator",

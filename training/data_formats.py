@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lorafleet.errors import DataError, LorafleetError, Problem
-from training.data_sources import DataSourceError, Row
+from lorafleet.training.data_sources import DataSourceError, Row
 
 FORMATS = ("alpaca", "chat", "completion", "text")
 ROLES = ("system", "user", "assistant")

@@ -32,11 +32,11 @@ from typing import Any
 
 from lorafleet.config import EvalSection, JobConfig
 from lorafleet.errors import ConfigError, Problem
-from training.data import encode_all, label_count, load_samples, split_holdout
-from training.data_formats import Alpaca, Chat, Completion, Renderer, Sample, Text
-from training.data_sources import DataSourceError
-from training.evaluate_metrics import detect_task, task_metrics
-from training.export import RunFolder
+from lorafleet.training.data import encode_all, label_count, load_samples, split_holdout
+from lorafleet.training.data_formats import Alpaca, Chat, Completion, Renderer, Sample, Text
+from lorafleet.training.data_sources import DataSourceError
+from lorafleet.training.evaluate_metrics import detect_task, task_metrics
+from lorafleet.training.export import RunFolder
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -91,8 +91,8 @@ def evaluate_run(run: RunFolder, settings: EvalSection, *, device: str | None = 
     import torch
     from peft import PeftModel
 
-    from training.evaluate_report import write_report
-    from training.model import load_tokenizer
+    from lorafleet.training.evaluate_report import write_report
+    from lorafleet.training.model import load_tokenizer
 
     started = time.monotonic()
     job = run.job
@@ -278,7 +278,7 @@ def load_eval_base(job: JobConfig, device: Any) -> tuple[Any, str]:
     from transformers import AutoModelForCausalLM
 
     from lorafleet.models import resolve_model
-    from training.model import quantization_config, weights_dtype
+    from lorafleet.training.model import quantization_config, weights_dtype
 
     model_cfg = job.model
     dtype = weights_dtype(model_cfg, job.training)
@@ -342,7 +342,7 @@ def response_loss(
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from training.data import Collator
+    from lorafleet.training.data import Collator
 
     collate = Collator(pad_id)
     device = next(model.parameters()).device

@@ -139,7 +139,7 @@ def merge_run(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lorafleet.models import resolve_model
-    from training.model import load_tokenizer
+    from lorafleet.training.model import load_tokenizer
 
     started = time.monotonic()
     if dtype not in MERGE_DTYPES:

@@ -75,7 +75,7 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
     print(f"run {run_id}{' (resuming)' if previous else ''}\nfolder {run_dir}", flush=True)
     deepspeed = None
     if job.distributed.strategy == "deepspeed":
-        from training.strategies import deepspeed_config
+        from lorafleet.training.strategies import deepspeed_config
 
         deepspeed = deepspeed_config(job)
         _write_run_file(run_dir, "deepspeed.json", json.dumps(deepspeed, indent=2))
@@ -135,9 +135,9 @@ def preflight(job: JobConfig, *, embedded: bool) -> None:
     machine) the device itself: GPUs present, precision, bitsandbytes. Workers check again on their device."""
     import torch
 
-    from training.model import check_precision, check_quantization
-    from training.sinks import check_sinks
-    from training.strategies import check_strategy
+    from lorafleet.training.model import check_precision, check_quantization
+    from lorafleet.training.sinks import check_sinks
+    from lorafleet.training.strategies import check_strategy
 
     check_sinks(job.training.logging)
     check_strategy(job, "cuda" if job.distributed.use_gpu else "cpu")
@@ -180,7 +180,7 @@ def build_trainer(job: JobConfig, run_id: str, run_dir: str, *, deepspeed: dict 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from training.worker import train_loop_per_worker
+    from lorafleet.training.worker import train_loop_per_worker
 
     distributed = job.distributed
     resources = dict(distributed.resources_per_worker)
@@ -225,7 +225,7 @@ def export_adapter(checkpoint, adapter_uri: str, *, base_model: str) -> None:
 def _plot_losses(run_dir: str) -> None:
     local = local_path_of(run_dir)
     if local is not None and (local / "metrics.jsonl").is_file():
-        from training.plots import plot_loss_curves
+        from lorafleet.training.plots import plot_loss_curves
 
         plot_loss_curves(local / "metrics.jsonl", local / "report" / "loss.png")
 

@@ -36,7 +36,7 @@ def check_sinks(sinks: list[str]) -> None:
         packages = " ".join(OPTIONAL_SINKS[sink] for sink in missing)
         raise SinkUnavailable(
             f"training.logging lists {', '.join(missing)} but the package is not installed: "
-            f"pip install {packages} (or remove {', '.join(missing)} from training.logging)"
+            f"pip install {packages} (or remove {', '.join(missing)} from lorafleet.training.logging)"
         )
 
 

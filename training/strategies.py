@@ -149,7 +149,7 @@ def zero_stage(job: JobConfig, deepspeed: dict[str, Any] | None = None) -> int |
 
 def quantized_storage_dtype(job: JobConfig, deepspeed: dict[str, Any] | None = None):
     """Sharding 4-bit weights (FSDP, ZeRO-3) needs them packed in a float dtype; None where not sharded."""
-    from training.model import TORCH_DTYPES
+    from lorafleet.training.model import TORCH_DTYPES
 
     sharded = job.distributed.strategy == "fsdp" or zero_stage(job, deepspeed) == 3
     if job.model.quantization == "4bit" and sharded:

@@ -29,7 +29,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from training.reporting import RayCheckpointReporter
+    from lorafleet.training.reporting import RayCheckpointReporter
 
     job = JobConfig.model_validate(yaml.safe_load(payload["config"]))
     run_id = payload["run_id"]
@@ -68,20 +68,20 @@ def build_trainer(
     """(trainer, data): an HF Trainer ready to `.train()` on this process's share of the job."""
     from transformers import PrinterCallback, set_seed
 
-    from training.adapters import apply_adapter
-    from training.data import Collator, build_datasets
-    from training.early_stopping import EarlyStopping
-    from training.model import check_precision, load_base_model, load_tokenizer
-    from training.packed_attention import use_packed_attention
-    from training.reporting import MetricsLog, ProgressReporter
-    from training.sinks import check_sinks, sink_callbacks
-    from training.strategies import (
+    from lorafleet.training.adapters import apply_adapter
+    from lorafleet.training.data import Collator, build_datasets
+    from lorafleet.training.early_stopping import EarlyStopping
+    from lorafleet.training.model import check_precision, load_base_model, load_tokenizer
+    from lorafleet.training.packed_attention import use_packed_attention
+    from lorafleet.training.reporting import MetricsLog, ProgressReporter
+    from lorafleet.training.sinks import check_sinks, sink_callbacks
+    from lorafleet.training.strategies import (
         check_strategy,
         join_deepspeed_to_process_group,
         quantized_storage_dtype,
         require_engine,
     )
-    from training.trainer import FineTuneTrainer
+    from lorafleet.training.trainer import FineTuneTrainer
 
     set_seed(job.training.seed)
     check_precision(job.training.precision, device)
@@ -127,7 +127,7 @@ def training_arguments(
 ):
     from transformers import TrainingArguments
 
-    from training.strategies import strategy_arguments
+    from lorafleet.training.strategies import strategy_arguments
 
     training = job.training
     evaluate = has_eval and training.eval_steps is not None

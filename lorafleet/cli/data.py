@@ -17,7 +17,7 @@ def check(
     max_seq_len: int = typer.Option(512, "--max-seq-len", help="Examples longer than this count as truncated."),
 ) -> None:
     """Validate every row (errors name file:line and field) and print a summary."""
-    from training.data import check_file
+    from lorafleet.training.data import check_file
 
     summary = check_file(file, format, model_reference=model, max_seq_len=max_seq_len)
     typer.echo(summary.render())

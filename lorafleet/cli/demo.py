@@ -20,9 +20,8 @@ from pathlib import Path
 import typer
 
 from lorafleet.errors import LorafleetError
-from lorafleet.paths import default_storage_uri
+from lorafleet.paths import default_storage_uri, shipped_configs_dir
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEMO_JOBS = (("price", "demo.yaml"), ("support", "demo-support.yaml"))
 QUESTIONS = {
     "price": "Estimate the price of this product in US dollars.\n\n"
@@ -34,7 +33,7 @@ QUESTIONS = {
 
 def demo(
     storage: str = typer.Option(None, "--storage", help="Storage root for runs and the registry (default: cache)."),
-    configs: Path = typer.Option(REPO_CONFIGS, "--configs", help="Folder with demo.yaml and demo-support.yaml."),
+    configs: Path = typer.Option(shipped_configs_dir(), "--configs", help="Folder with demo.yaml and demo-support.yaml."),
     port: int = typer.Option(0, "--port", help="Port for the demo server (0: any free port)."),
     eval_examples: int = typer.Option(
         None, "--eval-examples", help="Test examples per evaluation (default: the config's eval.max_examples)."

@@ -31,7 +31,7 @@ def split_list(text: str | None) -> list[str]:
 
 def serving_settings(config: Path | None, overrides: dict):
     """The ServingConfig of YAML + flags, with `--adapters` resolved in the registry (every problem at once)."""
-    from serving.config import build_serving_config, with_registry_adapters, with_registry_base
+    from lorafleet.serving.config import build_serving_config, with_registry_adapters, with_registry_base
 
     return with_registry_adapters(with_registry_base(build_serving_config(config, overrides)))
 
@@ -101,7 +101,7 @@ def serve(
     }
     settings = serving_settings(config, overrides)
     if settings.engine == "vllm":
-        from serving.vllm import exec_vllm, render_vllm_command
+        from lorafleet.serving.vllm import exec_vllm, render_vllm_command
 
         if print_command:
             typer.echo(shlex.join(render_vllm_command(settings)))
@@ -114,9 +114,9 @@ def serve(
 
 
 def _serve_cpu(settings) -> None:
-    from serving.app import create_app
-    from serving.engine import CPUEngine
-    from serving.server import serve_forever
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.engine import CPUEngine
+    from lorafleet.serving.server import serve_forever
 
     engine = CPUEngine(settings)
     engine.start()  # model and startup adapters load here, so their errors exit cleanly before listening

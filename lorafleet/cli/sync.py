@@ -35,7 +35,7 @@ def sync(
 ) -> None:
     """Load, switch and unload adapters on every --target so they serve what the registry's references name."""
     from lorafleet.cli.serve import split_list
-    from serving.sync import Syncer, SyncFailed
+    from lorafleet.serving.sync import Syncer, SyncFailed
 
     config = _config(storage, target, split_list(adapters) if adapters is not None else None, interval, api_key)
     _log_to_stderr()
@@ -60,7 +60,7 @@ def sync(
 def _config(storage, targets, adapters, interval, api_key):
     from pydantic import ValidationError
 
-    from serving.sync import SyncConfig
+    from lorafleet.serving.sync import SyncConfig
 
     values = {"targets": targets, "adapters": adapters, "interval_s": interval, "api_key": api_key}
     if storage:

@@ -19,7 +19,7 @@ def train(
     ),
 ) -> None:
     """Fine-tune with Ray Train; prints the run id, progress, and where the adapter is."""
-    from training.launcher import load_run_config, run_training
+    from lorafleet.training.launcher import load_run_config, run_training
 
     job = options.load(config, overrides)
     if resume:

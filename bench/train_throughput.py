@@ -45,6 +45,8 @@ from pathlib import Path
 
 import yaml
 
+from lorafleet.runs import RunFolder
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -146,7 +148,7 @@ def run_lorafleet(job_path: Path, storage: Path, *, packing: bool, run_id: str, 
     run_dir = storage / "runs" / run_id
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [record for record in records if "loss" in record]  # one per step (logging_steps: 1)
-    data = json.loads((run_dir / "run.json").read_text())["data"]["train"]
+    data = RunFolder(str(run_dir)).read_record().data.train
     return window(steps, warmup) | {"wall_s": total, "final_loss": steps[-1]["loss"], "data": data}
 
 

@@ -36,6 +36,7 @@ import yaml
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
+from lorafleet.runs import new_run_id, validate_run_id
 
 TERMINAL_STATUSES = ("SUCCEEDED", "FAILED", "STOPPED")
 TERMINAL_DEPLOYMENT_STATUSES = ("Complete", "Failed", "ValidationFailed")
@@ -58,11 +59,9 @@ class Submission:
     entrypoint: str
 
 
-def new_run_id(job: JobConfig, run_id: str | None) -> str:
-    from lorafleet.training.launcher import new_run_id as generated
-    from lorafleet.training.launcher import validate_run_id
-
-    return validate_run_id(run_id or generated(job.name))
+def submission_run_id(job: JobConfig, run_id: str | None) -> str:
+    """The run id fixed at submit time: the one given, else a fresh one from the job's name."""
+    return validate_run_id(run_id or new_run_id(job.name))
 
 
 def read_runtime_env(value: str | None) -> dict[str, Any]:

@@ -58,8 +58,8 @@ def test_cluster_example_deepspeed_config_is_what_deepspeed_accepts(tmp_path: Pa
     pytest.importorskip("deepspeed", reason="deepspeed is not installed")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from tests.test_strategies import finalized
     from lorafleet.training.strategies import deepspeed_config
+    from tests.test_strategies import finalized
 
     job = load_job_config(CONFIGS / name)
     # TrainingArguments refuse a GPU job on this CPU machine: its auto values are filled in by a CPU twin.

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from lorafleet.config import JobConfig
-from tests.conftest import run_cli
+from lorafleet.runs import RunFolder, RunRecord
 from lorafleet.training.evaluate_metrics import (
     detect_task,
     numeric_metrics,
@@ -20,6 +19,7 @@ from lorafleet.training.evaluate_metrics import (
     parse_reference_number,
     task_metrics,
 )
+from tests.conftest import run_cli
 
 EVAL_FILES = ("eval.json", "eval.md", "eval_metrics.png", "eval_scatter.png", "eval_generations.jsonl")
 
@@ -69,9 +69,9 @@ def train_run_folder(job: JobConfig, run_id: str) -> Path:
     adapter_config = json.loads(adapter_config_path.read_text())
     adapter_config["base_model_name_or_path"] = job.model.name_or_path
     adapter_config_path.write_text(json.dumps(adapter_config, indent=2))
-    (run_dir / "config.yaml").write_text(job.to_yaml())
-    summary = {"run_id": run_id, "status": "succeeded", "global_step": job.training.max_steps}
-    (run_dir / "run.json").write_text(json.dumps(summary))
+    folder = RunFolder(str(run_dir))
+    folder.write_config(job)
+    folder.write_record(RunRecord(run_id=run_id, status="succeeded", global_step=job.training.max_steps))
     return run_dir
 
 
@@ -191,7 +191,7 @@ def test_base_and_finetuned_differ_on_the_same_examples(trained_run: Path, cli_r
     # the same examples: exactly training's seeded holdout, in order
     from lorafleet.training.data import load_samples, split_holdout
 
-    job = JobConfig.model_validate(yaml.safe_load((trained_run / "config.yaml").read_text()))
+    job = RunFolder(str(trained_run)).read_config()
     _, held_out = split_holdout(
         load_samples(job.data.train, "alpaca", max_rows=job.data.max_rows),
         job.data.val_split,
@@ -213,7 +213,7 @@ def test_both_models_are_checked_to_see_the_same_examples(
     import dataclasses
 
     import lorafleet.training.evaluate as evaluate
-    from lorafleet.training.export import open_run
+    from lorafleet.runs import open_run
 
     run = open_run(trained_run)
     settings = evaluate.resolve_settings(run.job, max_examples=4, max_new_tokens=2, split="test")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lorafleet.config import JobConfig
+from lorafleet.runs import RunFolder, RunRecord
 from tests.conftest import run_cli
 
 INPUT_IDS = torch.tensor([[1, 40, 77, 90, 120, 33, 200, 7, 64, 5], [3, 9, 27, 81, 243, 100, 50, 25, 12, 6]])
@@ -47,8 +48,9 @@ def make_run(storage: Path, method: str, *, quantization: str = "none") -> Path:
     config_path = run_dir / "adapter" / "adapter_config.json"
     adapter_config = json.loads(config_path.read_text()) | {"base_model_name_or_path": job.model.name_or_path}
     config_path.write_text(json.dumps(adapter_config))
-    (run_dir / "config.yaml").write_text(job.to_yaml())
-    (run_dir / "run.json").write_text(json.dumps({"run_id": run_dir.name, "status": "succeeded"}))
+    folder = RunFolder(str(run_dir))
+    folder.write_config(job)
+    folder.write_record(RunRecord(run_id=run_dir.name, status="succeeded"))
     return run_dir
 
 
@@ -76,7 +78,8 @@ def merged_logits(model_dir: Path, dtype: torch.dtype = torch.float32) -> torch.
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3"])
 def test_fp32_merge_reproduces_base_plus_adapter(tmp_path: Path, method: str) -> None:
-    from lorafleet.training.export import merge_run, open_run
+    from lorafleet.runs import open_run
+    from lorafleet.training.merge import merge_run
 
     run_dir = make_run(tmp_path, method)
     summary = merge_run(open_run(run_dir), tmp_path / "merged", dtype="fp32")
@@ -109,7 +112,8 @@ def test_bf16_merge_via_cli_is_sharded_and_within_bf16_tolerance(tmp_path: Path)
 
 
 def test_model_card_names_base_method_data_hash_and_metrics(tmp_path: Path) -> None:
-    from lorafleet.training.export import data_hash, merge_run, open_run
+    from lorafleet.runs import data_hash, open_run
+    from lorafleet.training.merge import merge_run
 
     run_dir = make_run(tmp_path, "lora")
     report = {
@@ -139,7 +143,8 @@ def test_model_card_names_base_method_data_hash_and_metrics(tmp_path: Path) -> N
 
 
 def test_qlora_runs_merge_into_the_unquantized_base(tmp_path: Path) -> None:
-    from lorafleet.training.export import merge_run, open_run
+    from lorafleet.runs import open_run
+    from lorafleet.training.merge import merge_run
 
     run_dir = make_run(tmp_path, "lora", quantization="4bit")  # no bitsandbytes or GPU needed to merge
     merge_run(open_run(run_dir), tmp_path / "merged", dtype="fp32")
@@ -158,7 +163,8 @@ def test_prefix_tuning_cannot_be_merged(tmp_path: Path) -> None:
 
 
 def test_existing_output_is_kept_unless_overwrite(tmp_path: Path) -> None:
-    from lorafleet.training.export import MergeError, merge_run, open_run
+    from lorafleet.runs import open_run
+    from lorafleet.training.merge import MergeError, merge_run
 
     run = open_run(make_run(tmp_path, "lora"))
     out = tmp_path / "merged"

@@ -1,5 +1,5 @@
 """Every PEFT method x {fp32, bf16}: 5 steps of the tiny model on CPU lower the loss, and the exported adapter
-reloads with plain PEFT and reproduces the trained model's logits. In-process (`build_trainer`), no Ray.
+reloads with plain PEFT and reproduces the trained model's logits. In-process (`build_hf_trainer`), no Ray.
 
 Also: the method knobs are validated, and a target module that does not exist lists the real ones.
 """
@@ -51,10 +51,10 @@ def tiny_job(storage: Path, name: str = "tiny", **sections: dict[str, Any]) -> J
 
 
 def train_in_process(job: JobConfig, workdir: Path, *, callbacks: tuple = ()):
-    """(trainer, data) from the worker's own `build_trainer`: run folder `workdir/run`, HF output `workdir/out`."""
-    from lorafleet.training.worker import build_trainer
+    """(trainer, data) from the worker's own `build_hf_trainer`: run folder `workdir/run`, HF output `workdir/out`."""
+    from lorafleet.training.worker import build_hf_trainer
 
-    return build_trainer(
+    return build_hf_trainer(
         job,
         run_id=job.name,
         run_dir=str(workdir / "run"),
@@ -65,14 +65,16 @@ def train_in_process(job: JobConfig, workdir: Path, *, callbacks: tuple = ()):
 
 
 def export_final_adapter(workdir: Path, job: JobConfig) -> Path:
-    """The last HF checkpoint, exported exactly as the launcher exports a Ray checkpoint."""
+    """The last HF checkpoint, copied out exactly as the launcher copies it out of a Ray checkpoint."""
     from ray.train import Checkpoint
 
-    from lorafleet.training.launcher import export_adapter
+    from lorafleet.training.launcher import copy_adapter_out_of_checkpoint
 
     checkpoints = sorted((workdir / "out").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     target = workdir / "adapter"
-    export_adapter(Checkpoint.from_directory(str(checkpoints[-1])), str(target), base_model=job.model.name_or_path)
+    copy_adapter_out_of_checkpoint(
+        Checkpoint.from_directory(str(checkpoints[-1])), str(target), base_model=job.model.name_or_path
+    )
     return target
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
+from lorafleet.config import JobConfig
 from lorafleet.registry import (
     InvalidReference,
     NotFound,
@@ -38,6 +39,7 @@ from lorafleet.registry import (
     unpublish,
     verify,
 )
+from lorafleet.runs import RunFolder, RunRecord
 
 BASE = "builtin:tiny-llama"
 WORKER = REPO / "tests" / "registry_worker.py"
@@ -82,15 +84,15 @@ def make_run(storage: str, run_id: str, adapter: Path, metrics: dict | None = No
     """A run folder as training leaves it: adapter/, config.yaml, run.json, report/eval.json."""
     run_dir = Path(storage) / "runs" / run_id
     shutil.copytree(adapter, run_dir / "adapter")
-    (run_dir / "config.yaml").write_text(f"name: demo\nmodel:\n  name_or_path: {BASE}\n  revision: main\n")
-    summary = {
-        "run_id": run_id,
-        "status": "succeeded",
-        "config_hash": "c0ffee",
-        "global_step": 5,
-        "data": {"data_hash": "da7a"},
-    }
-    (run_dir / "run.json").write_text(json.dumps(summary))
+    folder = RunFolder(str(run_dir))
+    folder.write_config(
+        JobConfig(name="demo", model={"name_or_path": BASE, "revision": "main"}, data={"train": "builtin:price"})
+    )
+    folder.write_record(
+        RunRecord(
+            run_id=run_id, status="succeeded", config_hash="c0ffee", global_step=5, data={"data_hash": "da7a"}
+        )
+    )
     if metrics is not None:
         (run_dir / "report").mkdir()
         (run_dir / "report" / "eval.json").write_text(json.dumps({"base": {"mae": 99.0}, "finetuned": metrics}))

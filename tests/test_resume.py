@@ -80,10 +80,11 @@ def test_an_incomplete_checkpoint_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_reads_the_saved_config(tmp_path: Path) -> None:
-    from lorafleet.training.launcher import _write_run_file, load_run_config
+    from lorafleet.runs import RunFolder
+    from lorafleet.training.launcher import load_run_config
 
     job = tiny_job(tmp_path, distributed={"strategy": "deepspeed", "deepspeed": {"stage": 3, "offload_params": True}})
-    _write_run_file(f"{tmp_path}/runs/saved", "config.yaml", job.to_yaml())
+    RunFolder.of(str(tmp_path), "saved").write_config(job)
     assert load_run_config(str(tmp_path), "saved") == job
     with pytest.raises(LorafleetError, match="no run nope"):
         load_run_config(str(tmp_path), "nope")

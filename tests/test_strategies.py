@@ -149,11 +149,11 @@ def test_fsdp_on_cpu_is_refused_before_workers_start(tmp_path: Path) -> None:
 
 def test_fsdp_job_that_lands_on_a_cpu_worker_is_refused(tmp_path: Path) -> None:
     from lorafleet.training.strategies import StrategyUnavailable
-    from lorafleet.training.worker import build_trainer
+    from lorafleet.training.worker import build_hf_trainer
 
     job = tiny_job(tmp_path, distributed={"strategy": "fsdp", "use_gpu": True})
     with pytest.raises(StrategyUnavailable, match="fsdp needs CUDA workers"):
-        build_trainer(job, run_id="fsdp", run_dir=str(tmp_path / "run"), device=CPU)
+        build_hf_trainer(job, run_id="fsdp", run_dir=str(tmp_path / "run"), device=CPU)
 
 
 def test_accelerate_silently_dropping_a_strategy_is_caught() -> None:

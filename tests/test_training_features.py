@@ -1,4 +1,4 @@
-"""Training features on the tiny model, in-process (`build_trainer`, no Ray): QLoRA / 8-bit on CPU, precision,
+"""Training features on the tiny model, in-process (`build_hf_trainer`, no Ray): QLoRA / 8-bit on CPU, precision,
 gradient checkpointing, accumulation, schedules, seeds, evaluation with perplexity, early stopping on a real
 plateau, TensorBoard scalars, optional sinks, and the loss plot. Failures that must come before training are
 checked through the CLI too (they return before Ray starts).
@@ -233,10 +233,11 @@ def test_tensorboard_has_train_and_eval_scalars(plateau_run) -> None:
 
 
 def test_loss_plot_shows_train_and_eval(plateau_run) -> None:
-    from lorafleet.training.launcher import _plot_losses
+    from lorafleet.runs import RunFolder
+    from lorafleet.training.launcher import plot_losses
 
     _, _, run_dir = plateau_run
-    _plot_losses(str(run_dir))
+    plot_losses(RunFolder(str(run_dir)))
     png = run_dir / "report" / "loss.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -32,11 +32,11 @@ from typing import Any
 
 from lorafleet.config import EvalSection, JobConfig
 from lorafleet.errors import ConfigError, Problem
+from lorafleet.runs import FinishedRun
 from lorafleet.training.data import encode_all, label_count, load_samples, split_holdout
 from lorafleet.training.data_formats import Alpaca, Chat, Completion, Renderer, Sample, Text
 from lorafleet.training.data_sources import DataSourceError
 from lorafleet.training.evaluate_metrics import detect_task, task_metrics
-from lorafleet.training.export import RunFolder
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -86,7 +86,7 @@ class EvalOutcome:
     files: list[Path]
 
 
-def evaluate_run(run: RunFolder, settings: EvalSection, *, device: str | None = None) -> EvalOutcome:
+def evaluate_run(run: FinishedRun, settings: EvalSection, *, device: str | None = None) -> EvalOutcome:
     """Evaluate base and fine-tuned on the same examples; write the report into `<run>/report/`."""
     import torch
     from peft import PeftModel

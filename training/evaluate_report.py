@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.storage import write_bytes_atomic, write_text_atomic
-from lorafleet.training.evaluate_metrics import WITHIN_SHARE, is_improvement, parse_answer_number, parse_reference_number
+from lorafleet.training.evaluate_metrics import (
+    WITHIN_SHARE,
+    is_improvement,
+    parse_answer_number,
+    parse_reference_number,
+)
 
 SHOWN_EXAMPLES = 5
 SHOWN_CHARS = 160

@@ -3,14 +3,7 @@
     lorafleet train configs/tiny.yaml                 # embedded Ray on this machine
     lorafleet train configs/tiny.yaml --address auto  # an already running cluster
 
-The run folder on shared storage, `<storage>/runs/<run-id>/`:
-    config.yaml        the resolved job config (the run's only input)
-    checkpoints/       Ray Train's checkpoints (adapter + optimizer + scheduler + RNG + trainer state)
-    metrics.jsonl      one record per log event (`train_begin` with `resumed: true` marks each restart)
-    tensorboard/       event files (wandb/, mlruns/ when those sinks are listed)
-    deepspeed.json     the DeepSpeed config the workers used (strategy: deepspeed)
-    adapter/           the final adapter in PEFT format, plus the tokenizer
-    run.json           summary: status, steps, losses, timings
+The run folder's layout and its record (run.json) belong to `lorafleet.runs`.
 """
 
 from __future__ import annotations
@@ -20,13 +13,21 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
-from lorafleet.storage import StorageRoot, is_valid_run_id, local_path_of, upload_dir, write_text_atomic
+from lorafleet.runs import (
+    CHECKPOINTS_DIR,
+    DEEPSPEED_FILE,
+    METRICS_FILE,
+     DataRecord,
+    RunFolder,
+    RunRecord,
+    new_run_id,
+    validate_run_id,
+)
+from lorafleet.storage import upload_dir
 
 CHECKPOINT_ONLY_FILES = re.compile(
     r"^((optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)"
@@ -38,81 +39,58 @@ class TrainingFailed(LorafleetError):
     pass
 
 
-@dataclass(frozen=True)
-class RunSummary:
-    run_id: str
-    run_dir: str
-    status: str
-    global_step: int
-    train_loss: float | None
-    adapter_dir: str
-    seconds: float
-    config_hash: str
-
-
-def new_run_id(job_name: str) -> str:
-    return f"{job_name}-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}"
-
-
-def validate_run_id(run_id: str) -> str:
-    if not is_valid_run_id(run_id):
-        raise LorafleetError(f"run id {run_id!r} is invalid: use lowercase letters, digits, '.', '_' and '-'")
-    return run_id
-
-
-def run_training(job: JobConfig, *, run_id: str | None = None, address: str | None = None) -> RunSummary:
+def run_training(job: JobConfig, *, run_id: str | None = None, address: str | None = None) -> RunRecord:
     """Train (or continue) run `run_id`: an existing run folder resumes from its last complete checkpoint."""
     run_id = validate_run_id(run_id or new_run_id(job.name))
-    run_dir = StorageRoot(job.storage.uri).run_dir(run_id)
-    previous = _read_run_file(run_dir, "config.yaml")
-    if previous is not None and _parse_config(previous) != job:
+    folder = RunFolder.of(job.storage.uri, run_id)
+    previous = folder.read_config() if folder.config_text() is not None else None
+    if previous is not None and previous != job:
         raise LorafleetError(
             f"run {run_id} exists with a different config; resume it with the config saved in "
-            f"{run_dir}/config.yaml, or start a new run id"
+            f"{folder}/config.yaml, or start a new run id"
         )
     preflight(job, embedded=address is None)
-    _write_run_file(run_dir, "config.yaml", job.to_yaml())
-    print(f"run {run_id}{' (resuming)' if previous else ''}\nfolder {run_dir}", flush=True)
+    folder.write_config(job)
+    print(f"run {run_id}{' (resuming)' if previous else ''}\nfolder {folder}", flush=True)
     deepspeed = None
     if job.distributed.strategy == "deepspeed":
         from lorafleet.training.strategies import deepspeed_config
 
         deepspeed = deepspeed_config(job)
-        _write_run_file(run_dir, "deepspeed.json", json.dumps(deepspeed, indent=2))
+        folder.write_text(DEEPSPEED_FILE, json.dumps(deepspeed, indent=2))
 
     started = time.monotonic()
     if address is None:
         provision_builtins(job)
     connect_ray(job, address)
     try:
-        result = build_trainer(job, run_id, run_dir, deepspeed=deepspeed).fit()
+        result = build_torch_trainer(job, folder, deepspeed=deepspeed).fit()
         error = result.error if result.checkpoint is not None else result.error or "no checkpoint was reported"
     except Exception as exc:  # Ray Train V2 raises the workers' error from fit()
         error = exc
     if error is not None:
-        failure = {"run_id": run_id, "status": "failed", "error": str(error)}
-        _write_run_file(run_dir, "run.json", json.dumps(failure, indent=2))
+        folder.write_record(RunRecord(run_id=run_id, status="failed", error=str(error), run_dir=folder.uri))
         raise TrainingFailed(f"run {run_id} failed: {error}")
 
     final_checkpoint = result.checkpoint
     if job.training.best_metric:
         final_checkpoint = result.get_best_checkpoint(job.training.best_metric, job.training.best_metric_mode)
-    adapter_dir = f"{run_dir}/adapter"
-    export_adapter(final_checkpoint, adapter_dir, base_model=job.model.name_or_path)
-    _plot_losses(run_dir)
+    copy_adapter_out_of_checkpoint(final_checkpoint, folder.adapter_uri, base_model=job.model.name_or_path)
+    plot_losses(folder)
     outcome = result.return_value or {}
-    summary = RunSummary(
+    record = RunRecord(
         run_id=run_id,
-        run_dir=run_dir,
         status="succeeded",
+        run_dir=folder.uri,
         global_step=int(outcome.get("global_step") or result.metrics.get("step", 0)),
         train_loss=outcome.get("train_loss"),
-        adapter_dir=adapter_dir,
+        adapter_dir=folder.adapter_uri,
         seconds=round(time.monotonic() - started, 1),
         config_hash=job.config_hash(),
+        data=DataRecord.model_validate(outcome["data"]) if outcome.get("data") else None,
     )
-    _write_run_file(run_dir, "run.json", json.dumps(asdict(summary) | {"data": outcome.get("data")}, indent=2))
-    return summary
+    folder.write_record(record)
+    return record
 
 
 def provision_builtins(job: JobConfig) -> None:
@@ -176,7 +154,8 @@ def connect_ray(job: JobConfig, address: str | None) -> None:
     )
 
 
-def build_trainer(job: JobConfig, run_id: str, run_dir: str, *, deepspeed: dict | None = None):
+def build_torch_trainer(job: JobConfig, folder: RunFolder, *, deepspeed: dict | None = None):
+    """Ray Train's TorchTrainer for the job: one `train_loop_per_worker` per worker, checkpoints in the run."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -188,14 +167,19 @@ def build_trainer(job: JobConfig, run_id: str, run_dir: str, *, deepspeed: dict 
         resources.setdefault("GPU", 1)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": job.to_yaml(), "run_id": run_id, "run_dir": run_dir, "deepspeed": deepspeed},
+        train_loop_config={
+            "config": job.to_yaml(),
+            "run_id": folder.run_id,
+            "run_dir": folder.uri,
+            "deepspeed": deepspeed,
+        },
         torch_config=TorchConfig(backend="nccl" if distributed.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=distributed.num_workers, use_gpu=distributed.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name="checkpoints",
-            storage_path=run_dir,
+            name=CHECKPOINTS_DIR,
+            storage_path=folder.uri,
             failure_config=FailureConfig(max_failures=distributed.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=job.training.keep_checkpoints,
@@ -206,7 +190,7 @@ def build_trainer(job: JobConfig, run_id: str, run_dir: str, *, deepspeed: dict 
     )
 
 
-def export_adapter(checkpoint, adapter_uri: str, *, base_model: str) -> None:
+def copy_adapter_out_of_checkpoint(checkpoint, adapter_uri: str, *, base_model: str) -> None:
     """Copy the adapter and tokenizer (not optimizer state) out of a checkpoint into the run's adapter/."""
     with checkpoint.as_directory() as source, tempfile.TemporaryDirectory() as staging:
         source_dir = Path(source)
@@ -222,57 +206,18 @@ def export_adapter(checkpoint, adapter_uri: str, *, base_model: str) -> None:
         upload_dir(Path(staging), adapter_uri)
 
 
-def _plot_losses(run_dir: str) -> None:
-    local = local_path_of(run_dir)
-    if local is not None and (local / "metrics.jsonl").is_file():
+def plot_losses(folder: RunFolder) -> None:
+    local = folder.local
+    if local is not None and (local / METRICS_FILE).is_file():
         from lorafleet.training.plots import plot_loss_curves
 
-        plot_loss_curves(local / "metrics.jsonl", local / "report" / "loss.png")
-
-
-def _parse_config(text: str) -> JobConfig | None:
-    """A saved config read with today's schema (new keys take their defaults); None if it no longer validates."""
-    import yaml
-    from pydantic import ValidationError
-
-    try:
-        return JobConfig.model_validate(yaml.safe_load(text))
-    except ValidationError:
-        return None
+        plot_loss_curves(local / METRICS_FILE, local / "report" / "loss.png")
 
 
 def load_run_config(storage_uri: str, run_id: str) -> JobConfig:
     """The config a run was started with (for `lorafleet train --resume RUN_ID`)."""
-    import yaml
-
-    run_dir = StorageRoot(storage_uri).run_dir(validate_run_id(run_id))
-    text = _read_run_file(run_dir, "config.yaml")
-    if text is None:
+    folder = RunFolder.of(storage_uri, run_id)
+    job = folder.read_config()
+    if job is None:
         raise LorafleetError(f"no run {run_id} under {storage_uri}/runs (no config.yaml)")
-    return JobConfig.model_validate(yaml.safe_load(text))
-
-
-def _read_run_file(run_dir: str, name: str) -> str | None:
-    local = local_path_of(run_dir)
-    if local is not None:
-        path = local / name
-        return path.read_text() if path.is_file() else None
-    import pyarrow.fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(f"{run_dir}/{name}")
-    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-        return None
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read().decode()
-
-
-def _write_run_file(run_dir: str, name: str, text: str) -> None:
-    local = local_path_of(run_dir)
-    if local is not None:
-        write_text_atomic(local / name, text)
-        return
-    import pyarrow.fs as pafs
-
-    filesystem, path = pafs.FileSystem.from_uri(f"{run_dir}/{name}")
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(text.encode())
+    return job

@@ -1,14 +1,14 @@
 """The function every Ray Train worker runs: one fine-tune, read top to bottom.
 
-    train_loop_per_worker:  rebuild config → build_trainer → resume from Ray's checkpoint, if any → train
-    build_trainer:          seed → checks → tokenizer → data → TrainingArguments → base model → adapter → Trainer
+    train_loop_per_worker:  rebuild config → build_hf_trainer → resume from Ray's checkpoint, if any → train
+    build_hf_trainer:          seed → checks → tokenizer → data → TrainingArguments → base model → adapter → Trainer
 
 Ray has already set up the process group (gloo on CPU, nccl on GPU) and the RANK/WORLD_SIZE variables,
 so the HF Trainer (through Accelerate) runs DDP, DeepSpeed or FSDP across the workers by itself.
 Checkpoints (adapter, optimizer, scheduler, RNG, trainer state with the data position) reach shared
 storage through `ray.train.report`; a restarted worker resumes from the latest complete one Ray hands back.
 
-`build_trainer` needs no Ray: tests and benchmarks call it in-process on one CPU.
+`build_hf_trainer` needs no Ray: tests and benchmarks call it in-process on one CPU.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
     job = JobConfig.model_validate(yaml.safe_load(payload["config"]))
     run_id = payload["run_id"]
-    trainer, data = build_trainer(
+    trainer, data = build_hf_trainer(
         job,
         run_id=run_id,
         run_dir=payload["run_dir"],
@@ -54,7 +54,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     return {"train_loss": result.training_loss, "global_step": result.global_step, "data": data.stats_dict()}
 
 
-def build_trainer(
+def build_hf_trainer(
     job: JobConfig,
     *,
     run_id: str,

@@ -21,6 +21,7 @@ import typer
 
 from lorafleet.errors import LorafleetError
 from lorafleet.paths import default_storage_uri, shipped_configs_dir
+from lorafleet.runs import is_finished
 
 DEMO_JOBS = (("price", "demo.yaml"), ("support", "demo-support.yaml"))
 QUESTIONS = {
@@ -33,7 +34,9 @@ QUESTIONS = {
 
 def demo(
     storage: str = typer.Option(None, "--storage", help="Storage root for runs and the registry (default: cache)."),
-    configs: Path = typer.Option(shipped_configs_dir(), "--configs", help="Folder with demo.yaml and demo-support.yaml."),
+    configs: Path = typer.Option(
+        shipped_configs_dir(), "--configs", help="Folder with demo.yaml and demo-support.yaml."
+    ),
     port: int = typer.Option(0, "--port", help="Port for the demo server (0: any free port)."),
     eval_examples: int = typer.Option(
         None, "--eval-examples", help="Test examples per evaluation (default: the config's eval.max_examples)."
@@ -44,7 +47,7 @@ def demo(
     run_ids: dict[str, str] = {}
     for name, config_file in DEMO_JOBS:
         run_ids[name] = run_id = f"demo-{name}"
-        if _run_finished(storage, run_id):
+        if is_finished(Path(storage) / "runs" / run_id):
             typer.echo(f"\n{run_id} is already trained in {storage}: reusing it")
             continue
         # An unfinished run with this id resumes from its last checkpoint.
@@ -63,11 +66,6 @@ def demo(
     typer.echo("\nreports:")
     for run_id in run_ids.values():
         typer.echo(f"  {storage}/runs/{run_id}/report/eval.md (plots beside it)")
-
-
-def _run_finished(storage: str, run_id: str) -> bool:
-    run_dir = Path(storage) / "runs" / run_id
-    return (run_dir / "run.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
 
 
 def _step(*command: str) -> None:

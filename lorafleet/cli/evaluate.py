@@ -28,9 +28,9 @@ def evaluate(
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
 ) -> None:
     """Compare the base model and the fine-tuned adapter: loss, perplexity, task metrics, plots."""
+    from lorafleet.runs import open_run
     from lorafleet.training.evaluate import evaluate_run, resolve_settings
     from lorafleet.training.evaluate_report import summary_lines
-    from lorafleet.training.export import open_run
 
     folder = open_run(run, storage)
     settings = resolve_settings(

@@ -27,7 +27,8 @@ def merge(
     storage: str = StorageOption,
 ) -> None:
     """Merge a LoRA/DoRA/IA3 adapter into its base (QLoRA: into the dequantized base) and save it."""
-    from lorafleet.training.export import merge_run, open_run
+    from lorafleet.runs import open_run
+    from lorafleet.training.merge import merge_run
 
     summary = merge_run(open_run(run, storage), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     typer.echo(

@@ -118,7 +118,7 @@ def rayjob(
     k8s_options: Path = K8sOptionsFile,
 ) -> None:
     """Print a ray.io/v1 RayJob that runs `lorafleet train` on its own cluster (or on --cluster)."""
-    from lorafleet.jobs import new_run_id
+    from lorafleet.jobs import submission_run_id
 
     job = options.load(config, overrides)
     cluster_opts = cluster_options(
@@ -141,7 +141,7 @@ def rayjob(
         backoff_limit=backoff_limit,
         submission_mode=submission_mode,
     )
-    typer.echo(rayjob_text(job, new_run_id(job, run_id), cluster_opts), nl=False)
+    typer.echo(rayjob_text(job, submission_run_id(job, run_id), cluster_opts), nl=False)
 
 
 @app.command("raycluster")

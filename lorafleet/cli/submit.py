@@ -57,10 +57,10 @@ def submit(
     poll_seconds: float = typer.Option(5.0, "--poll-seconds", hidden=True, help="Status poll interval (--wait)."),
 ) -> None:
     """Submit a fine-tune to a Ray cluster; prints the job id and the run id."""
-    from lorafleet.jobs import new_run_id
+    from lorafleet.jobs import submission_run_id
 
     job = options.load(config, overrides)
-    run_id = new_run_id(job, run_id)
+    run_id = submission_run_id(job, run_id)
     if not k8s:
         if dry_run:
             raise LorafleetError("--dry-run needs --k8s (it prints the RayJob)")

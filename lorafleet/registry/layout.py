@@ -138,9 +138,6 @@ class Registry:
     def version_dir(self, name: str, version: str, kind: Kind = "adapters") -> Path:
         return self.name_dir(name, kind) / validate_version(version)
 
-    def runs_dir(self) -> Path:
-        return self.base / "runs"
-
     def names(self, kind: Kind = "adapters") -> list[str]:
         folder = self.kind_dir(kind)
         if not folder.is_dir():

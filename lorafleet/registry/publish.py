@@ -12,7 +12,6 @@ moment leaves either no version or a complete one; a leftover `.staging-*` folde
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -22,8 +21,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from lorafleet.registry.aliases import editing_aliases, refresh_latest
 from lorafleet.registry.contract import ContractViolation, ServingProfile, check_adapter_against_profile
@@ -54,7 +51,8 @@ from lorafleet.registry.manifest import (
     utc_now,
     who,
 )
-from lorafleet.storage import fsync_dir, fsync_tree, is_valid_run_id, write_text_atomic
+from lorafleet.runs import ADAPTER_DIR, CONFIG_FILE, MERGED_DIR, RECORD_FILE, REPORT_DIR, RunFolder, find_run_dir
+from lorafleet.storage import fsync_dir, fsync_tree, write_text_atomic
 
 MAX_CLAIM_ATTEMPTS = 1000
 TAKEN_ERRNOS = (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR)
@@ -78,24 +76,22 @@ class RunInfo:
     @classmethod
     def read(cls, run_dir: Path) -> RunInfo:
         run_dir = Path(run_dir)
-        summary = _json_or_empty(run_dir / "run.json")
-        if summary.get("status") not in (None, "succeeded"):
-            raise RegistryError(
-                f"run {run_dir.name} has status {summary['status']!r}: only succeeded runs are published"
-            )
-        config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else None
-        config = yaml.safe_load(config_text) if config_text else {}
-        data = summary.get("data") if isinstance(summary.get("data"), dict) else {}
-        eval_path = run_dir / "report" / "eval.json"
+        folder = RunFolder(str(run_dir))
+        record = folder.read_record()
+        if record is not None and not record.succeeded:
+            raise RegistryError(f"run {run_dir.name} has status {record.status!r}: only succeeded runs are published")
+        job = folder.read_config()
+        eval_path = run_dir / REPORT_DIR / "eval.json"
         return cls(
             run_dir=run_dir,
-            run_id=summary.get("run_id") or run_dir.name,
-            config_hash=summary.get("config_hash") or (_sha256_text(config_text) if config_text else None),
-            data_hash=summary.get("data_hash")
-            or next((data[k] for k in ("data_hash", "sha256", "hash") if data.get(k)), None),
-            base_model_revision=((config or {}).get("model") or {}).get("revision"),
+            run_id=record.run_id if record else run_dir.name,
+            config_hash=(record.config_hash if record else None) or (job.config_hash() if job else None),
+            data_hash=record.data_hash if record else None,
+            base_model_revision=job.model.revision if job else None,
             metrics=extract_metrics(json.loads(eval_path.read_text())) if eval_path.is_file() else {},
-            summary={k: summary[k] for k in ("status", "global_step", "train_loss", "seconds") if k in summary},
+            summary=record.model_dump(include={"status", "global_step", "train_loss", "seconds"}, exclude_none=True)
+            if record
+            else {},
         )
 
     def manifest_fields(self) -> dict[str, Any]:
@@ -172,7 +168,7 @@ def publish_merged(
         raise RegistryError(f"{model_dir} is not a merged model folder: it needs config.json and *.safetensors")
     run = RunInfo.read(run_dir) if run_dir else RunInfo()
     fields: dict[str, Any] = run.manifest_fields() | {"kind": "model", "method": "merged"}
-    run_adapter = (run_dir / "adapter" / ADAPTER_CONFIG) if run_dir else None
+    run_adapter = (run_dir / ADAPTER_DIR / ADAPTER_CONFIG) if run_dir else None
     if run_adapter and run_adapter.is_file():
         facts = adapter_facts(json.loads(run_adapter.read_text()))
         fields |= {k: facts[k] for k in ("base_model", "peft_type", "rank", "target_modules")}
@@ -203,37 +199,21 @@ def publish_run(
     """
     registry = Registry.open(storage_uri)
     validate_name(name)
-    run_dir = find_run(registry, run)
+    run_dir = find_run_dir(run, str(registry.base))
     if merged:
         if profile is not None:
             raise InvalidReference("--target checks adapters; a merged model is served as a base of its own")
-        model_dir = run_dir / "merged" if (run_dir / "merged" / "config.json").is_file() else run_dir
-        run_info_dir = run_dir if (run_dir / "run.json").is_file() or (run_dir / "config.yaml").is_file() else None
+        model_dir = run_dir / MERGED_DIR if (run_dir / MERGED_DIR / "config.json").is_file() else run_dir
+        run_info_dir = run_dir if (run_dir / RECORD_FILE).is_file() or (run_dir / CONFIG_FILE).is_file() else None
         return publish_merged(storage_uri, name, model_dir, run_dir=run_info_dir)
     if (run_dir / ADAPTER_CONFIG).is_file():  # an adapter folder made elsewhere: no run provenance
         return publish_adapter(storage_uri, name, run_dir, profile=profile, profile_source=profile_source)
-    adapter_dir = run_dir / "adapter"
+    adapter_dir = run_dir / ADAPTER_DIR
     if not adapter_dir.is_dir():
-        raise RegistryError(f"{run_dir} has no adapter/ folder: did the run finish? (see {run_dir / 'run.json'})")
+        raise RegistryError(f"{run_dir} has no adapter/ folder: did the run finish? (see {run_dir / RECORD_FILE})")
     return publish_adapter(
         storage_uri, name, adapter_dir, run_dir=run_dir, profile=profile, profile_source=profile_source
     )
-
-
-def find_run(registry: Registry, run: str | Path) -> Path:
-    """A run folder given as a path, or as a run id under `<storage>/runs/`."""
-    as_path = Path(run).expanduser()
-    if as_path.is_dir():
-        return as_path.resolve()
-    text = str(run)
-    if not is_valid_run_id(text):
-        raise InvalidReference(
-            f"{text!r} is neither a folder nor a valid run id (lowercase letters, digits, . _ -)"
-        )
-    run_dir = registry.runs_dir() / text
-    if not run_dir.is_dir():
-        raise RegistryError(f"no run {text!r}: {run_dir} does not exist")
-    return run_dir
 
 
 def _publish_files(
@@ -329,14 +309,3 @@ def unpublish(storage_uri: str | Path | None, reference: str, *, kind: Kind = "a
     shutil.rmtree(retired, ignore_errors=True)
     refresh_latest(registry, ref.name, kind, action="unpublish")
     return version
-
-
-def _json_or_empty(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else {}
-
-
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()

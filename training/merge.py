@@ -1,4 +1,4 @@
-"""Open a finished run folder, and export its adapter merged into the base as a plain HF model folder.
+"""Merge a finished run's adapter into its base and save a plain HF model folder.
 
     lorafleet merge price-20250101-120000          # -> <run>/merged/ (bf16): what `publish --merged` takes
     lorafleet merge runs/price-20250101-120000 --out /models/price-merged --dtype fp32 --max-shard-size 2GB
@@ -16,8 +16,6 @@ Before saving, the merged model is checked against base + adapter on a probe pro
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import tempfile
 import time
@@ -26,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
-from lorafleet.storage import StorageRoot, fsync_tree, is_valid_run_id, make_readable, rename_into_place
+from lorafleet.runs import FinishedRun, data_hash
+from lorafleet.storage import fsync_tree, make_readable, rename_into_place
 
 MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 UNMERGEABLE_PEFT_TYPES = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT")
@@ -40,77 +38,6 @@ class MergeError(LorafleetError):
     """A run that cannot be merged as asked (method, target folder, base checkpoint)."""
 
     exit_code = 2
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """A finished run on local storage: its folder, id, saved job config and adapter folder."""
-
-    path: Path
-    run_id: str
-    job: JobConfig
-    adapter_dir: Path
-
-    @property
-    def report_dir(self) -> Path:
-        return self.path / "report"
-
-    def adapter_config(self) -> dict:
-        return json.loads((self.adapter_dir / "adapter_config.json").read_text())
-
-    def summary(self) -> dict:
-        path = self.path / "run.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def open_run(run: str | Path, storage_uri: str | None = None) -> RunFolder:
-    """A run given as a folder, or as a run id under `<storage>/runs/` (default storage: the local cache)."""
-    from lorafleet.paths import default_storage_uri
-
-    as_path = Path(run).expanduser()
-    if as_path.is_dir():
-        path = as_path.resolve()
-    else:
-        if not is_valid_run_id(str(run)):
-            raise MergeError(f"{str(run)!r} is neither a run folder nor a valid run id (lowercase, digits, . _ -)")
-        root = StorageRoot(storage_uri or default_storage_uri())
-        if not root.is_local:
-            raise MergeError(f"{root.uri} is an object store: copy the run folder locally and pass its path")
-        path = root.local_path / "runs" / str(run)
-        if not path.is_dir():
-            raise MergeError(f"no run {str(run)!r}: {path} does not exist (pass --storage or the run folder)")
-    config_path = path / "config.yaml"
-    if not config_path.is_file():
-        raise MergeError(f"{path} is not a run folder: it has no config.yaml")
-    job = JobConfig.model_validate(yaml.safe_load(config_path.read_text()))
-    adapter_dir = path / "adapter"
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise LorafleetError(f"run {path.name} has no adapter/adapter_config.json: did it finish? (see run.json)")
-    return RunFolder(path=path, run_id=path.name, job=job, adapter_dir=adapter_dir)
-
-
-def data_hash(run: RunFolder) -> str | None:
-    """The run's data hash: run.json's when training recorded one, else sha256 of its local data files."""
-    summary = run.summary()
-    recorded = summary.get("data_hash") or (summary.get("data") or {}).get("data_hash")
-    if recorded:
-        return str(recorded)
-    digest = hashlib.sha256()
-    for reference in filter(None, (run.job.data.train, run.job.data.eval)):
-        path = _data_file(reference)
-        if path is None:
-            return None  # a hub dataset: its revision, not a file, identifies it
-        digest.update(reference.encode() + b"\0" + hashlib.sha256(path.read_bytes()).hexdigest().encode() + b"\n")
-    return digest.hexdigest()
-
-
-def _data_file(reference: str) -> Path | None:
-    if reference.startswith("builtin:"):
-        from lorafleet.demo_data import resolve_builtin_dataset
-
-        return resolve_builtin_dataset(reference)
-    path = Path(reference)
-    return path if path.is_file() else None
 
 
 @dataclass(frozen=True)
@@ -126,7 +53,7 @@ class MergeSummary:
 
 
 def merge_run(
-    run: RunFolder,
+    run: FinishedRun,
     out_dir: Path | None = None,
     *,
     dtype: str = "bf16",
@@ -134,60 +61,21 @@ def merge_run(
     overwrite: bool = False,
 ) -> MergeSummary:
     """merge_and_unload the run's adapter into its base and save a plain HF model folder (atomically)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from lorafleet.models import resolve_model
     from lorafleet.training.model import load_tokenizer
 
     started = time.monotonic()
     if dtype not in MERGE_DTYPES:
         raise MergeError(f"--dtype {dtype}: use one of {', '.join(MERGE_DTYPES)}")
-    out_dir = Path(out_dir or run.path / "merged").expanduser().resolve()
+    out_dir = Path(out_dir or run.merged_dir).expanduser().resolve()
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
     adapter_config = run.adapter_config()
     method = _method_name(adapter_config)
-    if str(adapter_config.get("peft_type", "")).upper() in UNMERGEABLE_PEFT_TYPES:
-        raise MergeError(
-            f"run {run.run_id}: adapter.method {method} cannot be merged into the base weights (its virtual "
-            "tokens are extra inputs, not a weight delta); serve the adapter itself with the CPU engine (PEFT), "
-            "or train with lora, dora or ia3 to get a mergeable adapter"
-        )
-    model_cfg = run.job.model
-    base_path = resolve_model(model_cfg.name_or_path)
-    base_config = AutoConfig.from_pretrained(
-        base_path, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
-    )
-    if getattr(base_config, "quantization_config", None):
-        raise MergeError(
-            f"{model_cfg.name_or_path} is a pre-quantized checkpoint: merging needs full-precision base weights; "
-            "point model.name_or_path at the unquantized model"
-        )
-    if model_cfg.quantization != "none":
-        print(f"QLoRA run ({model_cfg.quantization}): merging into the unquantized base in {dtype}", flush=True)
-
-    torch_dtype = getattr(torch, MERGE_DTYPES[dtype])
-    base = AutoModelForCausalLM.from_pretrained(  # no quantization_config: full-precision (dequantized) weights
-        base_path,
-        revision=model_cfg.revision,
-        dtype=torch_dtype,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
-    base.eval()
-    tokenizer = load_tokenizer(model_cfg)
-    probe = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        base_logits = base(probe).logits.float()
-        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
-        model.eval()
-        expected = model(probe).logits.float()
-        merged = model.merge_and_unload(safe_merge=True)
-        got = merged(probe).logits.float()
-    diff = (got - expected).abs().max().item()
-    if dtype == "fp32" and not diff <= FP32_TOLERANCE * max(1.0, expected.abs().max().item()):
-        raise LorafleetError(f"merge check failed: merged logits differ from base + adapter by {diff:.3g} (fp32)")
+    _refuse_unmergeable(run, adapter_config, method)
+    if run.job.model.quantization != "none":
+        print(f"QLoRA run ({run.job.model.quantization}): merging into the unquantized base in {dtype}", flush=True)
+    tokenizer = load_tokenizer(run.job.model)
+    merged, checks = _merge_checked(run, dtype, tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -202,9 +90,8 @@ def merge_run(
             dtype=dtype,
             shards=len(list(staging.glob("*.safetensors"))),
             size_bytes=sum(p.stat().st_size for p in staging.glob("*.safetensors")),
-            max_abs_logit_diff=diff,
-            adapter_effect=(expected - base_logits).abs().max().item(),
-            seconds=0.0,
+            **checks,
+            seconds=round(time.monotonic() - started, 1),
         )
         (staging / "README.md").write_text(model_card(run, adapter_config, summary))
         make_readable(staging)
@@ -213,7 +100,60 @@ def merge_run(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return MergeSummary(**{**summary.__dict__, "seconds": round(time.monotonic() - started, 1)})
+    return summary
+
+
+def _refuse_unmergeable(run: FinishedRun, adapter_config: dict, method: str) -> None:
+    from transformers import AutoConfig
+
+    from lorafleet.models import resolve_model
+
+    if str(adapter_config.get("peft_type", "")).upper() in UNMERGEABLE_PEFT_TYPES:
+        raise MergeError(
+            f"run {run.run_id}: adapter.method {method} cannot be merged into the base weights (its virtual "
+            "tokens are extra inputs, not a weight delta); serve the adapter itself with the CPU engine (PEFT), "
+            "or train with lora, dora or ia3 to get a mergeable adapter"
+        )
+    model_cfg = run.job.model
+    base_config = AutoConfig.from_pretrained(
+        resolve_model(model_cfg.name_or_path),
+        revision=model_cfg.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    if getattr(base_config, "quantization_config", None):
+        raise MergeError(
+            f"{model_cfg.name_or_path} is a pre-quantized checkpoint: merging needs full-precision base weights; "
+            "point model.name_or_path at the unquantized model"
+        )
+
+
+def _merge_checked(run: FinishedRun, dtype: str, probe):
+    """The merged model, and how far its logits are from base + adapter (and base + adapter from the base)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorafleet.models import resolve_model
+
+    model_cfg = run.job.model
+    base = AutoModelForCausalLM.from_pretrained(  # no quantization_config: full-precision (dequantized) weights
+        resolve_model(model_cfg.name_or_path),
+        revision=model_cfg.revision,
+        dtype=getattr(torch, MERGE_DTYPES[dtype]),
+        trust_remote_code=model_cfg.trust_remote_code,
+    )
+    base.eval()
+    with torch.no_grad():
+        base_logits = base(probe).logits.float()
+        model = PeftModel.from_pretrained(base, str(run.adapter_dir))
+        model.eval()
+        expected = model(probe).logits.float()
+        merged = model.merge_and_unload(safe_merge=True)
+        got = merged(probe).logits.float()
+    diff = (got - expected).abs().max().item()
+    if dtype == "fp32" and not diff <= FP32_TOLERANCE * max(1.0, expected.abs().max().item()):
+        raise LorafleetError(f"merge check failed: merged logits differ from base + adapter by {diff:.3g} (fp32)")
+    return merged, {"max_abs_logit_diff": diff, "adapter_effect": (expected - base_logits).abs().max().item()}
 
 
 def _method_name(adapter_config: dict) -> str:
@@ -221,7 +161,7 @@ def _method_name(adapter_config: dict) -> str:
     return "dora" if peft_type == "lora" and adapter_config.get("use_dora") else peft_type
 
 
-def model_card(run: RunFolder, adapter_config: dict, summary: MergeSummary) -> str:
+def model_card(run: FinishedRun, adapter_config: dict, summary: MergeSummary) -> str:
     """README.md of a merged model: where it came from, how it was made, and how well it does."""
     job = run.job
     base = job.model.name_or_path
@@ -283,11 +223,10 @@ def _targets(adapter_config: dict) -> str:
     return ", ".join(sorted(targets)) if isinstance(targets, list | tuple) else str(targets)
 
 
-def _metrics_table(run: RunFolder) -> list[str]:
-    path = run.report_dir / "eval.json"
-    if not path.is_file():
+def _metrics_table(run: FinishedRun) -> list[str]:
+    report = run.eval_report()
+    if report is None:
         return [f"No evaluation yet: `lorafleet eval {run.run_id}` writes report/eval.json, then merge again."]
-    report = json.loads(path.read_text())
     base, tuned = report.get("base") or {}, report.get("finetuned") or {}
     rows = [
         f"From `report/eval.json`: {report.get('n')} examples of `{(report.get('data') or {}).get('source')}`, "

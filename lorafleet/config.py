@@ -16,20 +16,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from lorafleet.adapter_config import (
+    PROMPT_LEARNING_METHODS,
+    AdapterSection,
+    LoraSection,
+    adapter_knob_message,
+    knobs_of,
+)
 from lorafleet.errors import ConfigError, Problem
 from lorafleet.paths import default_storage_uri
+from lorafleet.schema import Section
 from lorafleet.yamlsource import YamlSource, apply_override, parse_override
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-PROMPT_LEARNING_METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
-LORA_METHODS = ("lora", "dora")
 JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ModelSection(Section):
@@ -59,51 +61,6 @@ class ModelSection(Section):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
-
-
-class AdapterSection(Section):
-    method: Literal["lora", "dora", "prefix_tuning", "p_tuning", "prompt_tuning", "ia3"] = Field(
-        "lora", description="PEFT method."
-    )
-    r: int = Field(8, gt=0, description="LoRA rank: higher = more capacity, more memory.")
-    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: Literal["all-linear"] | list[str] = Field(
-        "all-linear", description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."
-    )
-    num_virtual_tokens: int = Field(16, gt=0, description="Virtual tokens (prefix/prompt/p-tuning methods).")
-    use_rslora: bool = Field(False, description="lora/dora: scale by alpha/sqrt(r) (steadier at high rank).")
-    encoder_hidden_size: int | None = Field(
-        None, gt=0, description="p_tuning: hidden size of the prompt encoder MLP (default: the model's)."
-    )
-    prompt_init_text: str | None = Field(
-        None, description="prompt_tuning: initialise the virtual tokens from this text's embeddings (else random)."
-    )
-
-    @field_validator("target_modules")
-    @classmethod
-    def _non_empty_list(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and not value:
-            raise ValueError("must name at least one module, or be `all-linear`")
-        return value
-
-    @model_validator(mode="after")
-    def _knobs_fit_the_method(self) -> AdapterSection:
-        """A knob that only another method reads is a mistake in the YAML, not something to ignore."""
-        method = self.method
-        if self.use_rslora and method not in LORA_METHODS:
-            raise ValueError(f"use_rslora applies to lora and dora, not method: {method}")
-        if self.encoder_hidden_size is not None and method != "p_tuning":
-            raise ValueError(f"encoder_hidden_size applies to method: p_tuning, not {method}")
-        if self.prompt_init_text is not None and method != "prompt_tuning":
-            raise ValueError(f"prompt_init_text applies to method: prompt_tuning, not {method}")
-        if self.prompt_init_text is not None and not self.prompt_init_text.strip():
-            raise ValueError("prompt_init_text must not be blank (leave it out for random initialisation)")
-        if method in PROMPT_LEARNING_METHODS and isinstance(self.target_modules, list):
-            raise ValueError(
-                f"target_modules does not apply to method: {method} (it learns virtual tokens, not module weights)"
-            )
-        return self
 
 
 class DataSection(Section):
@@ -295,7 +252,7 @@ class EvalSection(Section):
 class JobConfig(Section):
     name: Annotated[str, Field(pattern=JOB_NAME_PATTERN, description="Job name: runs are named after it.")]
     model: ModelSection
-    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    adapter: AdapterSection = Field(default_factory=LoraSection, description="PEFT method and its knobs.")
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     distributed: DistributedSection = Field(default_factory=DistributedSection)
@@ -369,9 +326,14 @@ def validate_job_config(data: Any, source: YamlSource) -> JobConfig:
 
 def _problem_from(error: dict[str, Any], source: YamlSource) -> Problem:
     keys = [str(part) for part in error["loc"]]
+    method = None
+    if keys[:1] == ["adapter"] and len(keys) > 1 and knobs_of(keys[1]):
+        method = keys.pop(1)  # the tag of the adapter section pydantic chose: not a key of the YAML
     field_path = ".".join(keys) or "(top level)"
     message = re.sub(r"^Value error, ", "", error["msg"])
-    if error["type"] == "extra_forbidden":
+    if error["type"] == "extra_forbidden" and method is not None:
+        message = adapter_knob_message(keys[-1], method)
+    elif error["type"] == "extra_forbidden":
         message = "unknown key (check the spelling; see the config reference in the README)"
     elif error["type"] == "missing":
         message = "required key is missing"

@@ -11,6 +11,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from lorafleet.adapter_config import METHOD_SECTIONS
 from lorafleet.config import JobConfig
 
 HEADER = """# Job config reference
@@ -50,6 +51,9 @@ def _render_section(lines: list[str], title: str, prefix: str, section: type[Bas
     lines += ["", f"## {title}", "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     nested: list[tuple[str, type[BaseModel]]] = []
     for key, field in section.model_fields.items():
+        if key == "adapter" and section is JobConfig:
+            lines.append(f"| `adapter` | one section per method | `method: lora` | {field.description} |")
+            continue
         subsection = _section_of(field.annotation)
         if subsection is not None:
             nested.append((f"{prefix}{key}", subsection))
@@ -58,6 +62,19 @@ def _render_section(lines: list[str], title: str, prefix: str, section: type[Bas
         lines.append(row)
     for name, subsection in nested:
         _render_section(lines, f"`{name}`", f"{name}.", subsection)
+    if section is JobConfig:
+        _render_adapter_methods(lines)
+
+
+def _render_adapter_methods(lines: list[str]) -> None:
+    lines += ["", "## `adapter`", "", "`adapter.method` picks the section; a knob of another method is an error."]
+    for method, method_section in METHOD_SECTIONS.items():
+        lines += ["", f"### `method: {method}`", "", method_section.__doc__ or "", ""]
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        for key, field in method_section.model_fields.items():
+            if key != "method":
+                kind, default = _type_name(field.annotation), _default(field)
+                lines.append(f"| `adapter.{key}` | {kind} | {default} | {field.description} |")
 
 
 def _section_of(annotation: object) -> type[BaseModel] | None:

@@ -164,24 +164,43 @@ def test_target_module_list_and_method_knobs_reach_the_peft_config(tmp_path: Pat
     assert config.prompt_tuning_init == "TEXT" and config.tokenizer_name_or_path == tiny_model_dir
 
 
-# adapter section, text expected in the validation error
+# adapter section, text expected in the validation error (as `lorafleet validate` prints it)
 BAD_KNOBS = [
-    ({"method": "prefix_tuning", "use_rslora": True}, "use_rslora applies to lora and dora"),
-    ({"method": "lora", "encoder_hidden_size": 64}, "encoder_hidden_size applies to method: p_tuning"),
-    ({"method": "p_tuning", "prompt_init_text": "hi"}, "prompt_init_text applies to method: prompt_tuning"),
+    ({"method": "prefix_tuning", "use_rslora": True}, "adapter.use_rslora: use_rslora does not apply to method: "
+     "prefix_tuning (it is a knob of lora, dora; prefix_tuning takes num_virtual_tokens)"),
+    ({"method": "lora", "encoder_hidden_size": 64}, "encoder_hidden_size does not apply to method: lora "
+     "(it is a knob of p_tuning;"),
+    ({"method": "p_tuning", "prompt_init_text": "hi"}, "prompt_init_text does not apply to method: p_tuning"),
     ({"method": "prompt_tuning", "prompt_init_text": "  "}, "must not be blank"),
-    ({"method": "prompt_tuning", "target_modules": ["q_proj"]}, "target_modules does not apply"),
+    ({"method": "prompt_tuning", "target_modules": ["q_proj"]}, "target_modules does not apply to method: prompt"),
+    ({"method": "prompt_tuning", "r": 64}, "adapter.r: r does not apply to method: prompt_tuning"),
+    ({"method": "lora", "num_virtual_tokens": 8}, "num_virtual_tokens does not apply to method: lora"),
+    ({"method": "lora", "rank": 8}, "adapter.rank: unknown key (check the spelling; method: lora takes r, alpha"),
     ({"method": "lora", "target_modules": []}, "must name at least one module"),
     ({"method": "lora", "r": 0}, "greater than 0"),
     ({"method": "lora", "dropout": 1.0}, "less than 1"),
     ({"method": "prefix_tuning", "num_virtual_tokens": 0}, "greater than 0"),
-    ({"method": "adalora"}, "Input should be"),
+    ({"method": "adalora"}, "adapter: method must be one of lora, dora, ia3, prefix_tuning, p_tuning, prompt_tuning"),
 ]
 
 
 @pytest.mark.parametrize(("adapter", "expected"), BAD_KNOBS, ids=[str(case[0]) for case in BAD_KNOBS])
 def test_method_knobs_are_validated(tmp_path: Path, adapter: dict, expected: str) -> None:
-    from pydantic import ValidationError
+    import yaml
 
-    with pytest.raises(ValidationError, match=expected):
-        tiny_job(tmp_path, adapter=adapter)
+    from lorafleet.config import load_job_config
+    from lorafleet.errors import ConfigError
+
+    job = tiny_job(tmp_path).model_dump(mode="json") | {"adapter": adapter}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    with pytest.raises(ConfigError) as caught:
+        load_job_config(path)
+    assert expected in str(caught.value), str(caught.value)
+    assert f"{path}:" in str(caught.value)  # the file:line of the adapter section
+
+
+def test_a_section_without_method_is_lora(tmp_path: Path) -> None:
+    job = tiny_job(tmp_path, adapter={"r": 4})
+    assert (job.adapter.method, job.adapter.r, job.adapter.alpha) == ("lora", 4, 16)
+    assert tiny_job(tmp_path, adapter={"method": "dora"}).adapter.r == 8

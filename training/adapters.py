@@ -10,7 +10,15 @@ from collections.abc import Callable
 
 import torch
 
-from lorafleet.config import AdapterSection
+from lorafleet.adapter_config import (
+    AdapterSection,
+    DoraSection,
+    Ia3Section,
+    LoraSection,
+    PrefixTuningSection,
+    PromptTuningSection,
+    PTuningSection,
+)
 from lorafleet.errors import LorafleetError
 
 
@@ -31,7 +39,7 @@ def linear_module_names(model: torch.nn.Module) -> list[str]:
     return sorted(names)
 
 
-def resolve_target_modules(adapter: AdapterSection, model: torch.nn.Module) -> list[str]:
+def resolve_target_modules(adapter: LoraSection | Ia3Section, model: torch.nn.Module) -> list[str]:
     available = linear_module_names(model)
     if adapter.target_modules == "all-linear":
         return available
@@ -44,7 +52,7 @@ def resolve_target_modules(adapter: AdapterSection, model: torch.nn.Module) -> l
     return list(adapter.target_modules)
 
 
-def _lora(adapter: AdapterSection, model: torch.nn.Module, use_dora: bool = False):
+def _lora(adapter: LoraSection, model: torch.nn.Module):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
@@ -53,22 +61,18 @@ def _lora(adapter: AdapterSection, model: torch.nn.Module, use_dora: bool = Fals
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=resolve_target_modules(adapter, model),
-        use_dora=use_dora,
+        use_dora=isinstance(adapter, DoraSection),
         use_rslora=adapter.use_rslora,
     )
 
 
-def _dora(adapter: AdapterSection, model: torch.nn.Module):
-    return _lora(adapter, model, use_dora=True)
-
-
-def _prefix_tuning(adapter: AdapterSection, model: torch.nn.Module):
+def _prefix_tuning(adapter: PrefixTuningSection, model: torch.nn.Module):
     from peft import PrefixTuningConfig, TaskType
 
     return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.num_virtual_tokens)
 
 
-def _p_tuning(adapter: AdapterSection, model: torch.nn.Module):
+def _p_tuning(adapter: PTuningSection, model: torch.nn.Module):
     from peft import PromptEncoderConfig, TaskType
 
     return PromptEncoderConfig(
@@ -78,7 +82,7 @@ def _p_tuning(adapter: AdapterSection, model: torch.nn.Module):
     )
 
 
-def _prompt_tuning(adapter: AdapterSection, model: torch.nn.Module):
+def _prompt_tuning(adapter: PromptTuningSection, model: torch.nn.Module):
     from peft import PromptTuningConfig, PromptTuningInit, TaskType
 
     if adapter.prompt_init_text is None:
@@ -92,7 +96,7 @@ def _prompt_tuning(adapter: AdapterSection, model: torch.nn.Module):
     )
 
 
-def _ia3(adapter: AdapterSection, model: torch.nn.Module):
+def _ia3(adapter: Ia3Section, model: torch.nn.Module):
     from peft import IA3Config, TaskType
 
     targets = resolve_target_modules(adapter, model)
@@ -102,7 +106,7 @@ def _ia3(adapter: AdapterSection, model: torch.nn.Module):
 
 PEFT_CONFIG_BUILDERS: dict[str, Callable] = {
     "lora": _lora,
-    "dora": _dora,
+    "dora": _lora,
     "prefix_tuning": _prefix_tuning,
     "p_tuning": _p_tuning,
     "prompt_tuning": _prompt_tuning,

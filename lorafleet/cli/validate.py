@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from lorafleet.adapter_config import describe_adapter
 from lorafleet.cli import options
 
 
@@ -13,6 +14,6 @@ def validate(config: Path = options.ConfigArg, overrides: list[str] = options.Se
     """Check a job config; problems name the field path and file:line."""
     job = options.load(config, overrides)
     typer.echo(
-        f"{config}: ok — job {job.name!r}, model {job.model.name_or_path}, {job.adapter.method} r={job.adapter.r}, "
+        f"{config}: ok — job {job.name!r}, model {job.model.name_or_path}, {describe_adapter(job.adapter)}, "
         f"{job.distributed.num_workers} worker(s), storage {job.storage.uri}"
     )

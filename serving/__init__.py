@@ -3,8 +3,8 @@
     config.py          ServingConfig (one typed object for both engines; YAML + flags)
     protocol.py        request/response shapes (server, tests, client)
     app.py             FastAPI routes, error contract; middleware.py (auth, body limit, metrics); metrics.py
-    engine.py          CPUEngine: continuous batching on one model thread; batcher.py (queue + streams);
-                       kvbatch.py (padded KV cache of a running batch); sampling.py (tokens, stop strings)
+    engine.py          CPUEngine: continuous batching on one model thread; request_queue.py (queue + streams);
+                       kv_cache.py (padded KV cache of a running batch); sampling.py (tokens, stop strings)
     adapters.py        which adapter folders may be served; adapter_store.py (loaded adapters, per-row routing)
     server.py          run in the foreground (`lorafleet serve`) or in a thread (tests)
     vllm.py            the `vllm serve` command for a ServingConfig

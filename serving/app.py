@@ -27,7 +27,6 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException
 
 from lorafleet.serving.adapters import AdapterError
-from lorafleet.serving.batcher import Delta, QueueFull, RequestStream, ServingError
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.engine import CPUEngine, GenerationRequest, UnknownModel
 from lorafleet.serving.metrics import ServerMetrics
@@ -50,6 +49,7 @@ from lorafleet.serving.protocol import (
     Unsupported,
     Usage,
 )
+from lorafleet.serving.request_queue import Delta, QueueFull, RequestStream, ServingError
 from lorafleet.serving.sampling import SamplingParams
 
 ROUTES = {

@@ -13,7 +13,8 @@ import asyncio
 import json
 from typing import Any
 
-from lorafleet.serving.batch import BatchJob, Row, Sender, answer_all, in_process_sender
+from lorafleet.serving.batch_rows import BatchJob, Row
+from lorafleet.serving.batch_send import Sender, answer_all, in_process_sender
 from lorafleet.serving.config import ServingConfig
 
 ROWS_PER_CALL = 16

@@ -36,9 +36,9 @@ import torch
 
 from lorafleet.serving.adapter_store import MIXED, AdapterStore, LoadedAdapter
 from lorafleet.serving.adapters import AdapterError, VirtualTokens, inspect_adapter
-from lorafleet.serving.batcher import Batcher, Delta, EngineStopped, RequestStream, ServingError, deliver
 from lorafleet.serving.config import ServingConfig
-from lorafleet.serving.kvbatch import RunningBatch, make_cache
+from lorafleet.serving.kv_cache import RunningBatch, make_cache
+from lorafleet.serving.request_queue import Batcher, Delta, EngineStopped, RequestStream, ServingError, deliver
 from lorafleet.serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
 
 log = logging.getLogger("lorafleet.serving")

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from lorafleet.serving.app import create_app
-from lorafleet.serving.batch import BatchJob, run_batch
+from lorafleet.serving.batch_inference import run_batch
+from lorafleet.serving.batch_rows import BatchJob
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.server import ServerThread
 from lorafleet.serving.testing import make_adapter

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from lorafleet.serving.adapters import AdapterError, inspect_adapter
-from lorafleet.serving.batcher import EngineStopped, QueueFull
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.engine import CPUEngine, GenerationRequest, UnknownModel
+from lorafleet.serving.request_queue import EngineStopped, QueueFull
 from lorafleet.serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
 from lorafleet.serving.testing import make_adapter
 

@@ -37,7 +37,8 @@ def batch(
 ) -> None:
     """Answer every row of INPUT_FILE; rows already in --out are skipped, failed rows go to OUT.errors.jsonl."""
     from lorafleet.cli.serve import model_overrides, serving_settings
-    from lorafleet.serving.batch import BatchFailed, BatchJob, run_batch
+    from lorafleet.serving.batch_inference import BatchFailed, run_batch
+    from lorafleet.serving.batch_rows import BatchJob
 
     engine_flags = {"--base": base, "--adapter": adapter, "--adapters": adapters, "--config": config}
     if server:

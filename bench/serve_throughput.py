@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
 
 
 async def _one(engine, prompt_ids, model, tokens, streams: list | None = None) -> int:
-    from lorafleet.serving.engine import GenerationRequest
+    from lorafleet.serving.engine_api import GenerationRequest
     from lorafleet.serving.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)

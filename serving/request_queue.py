@@ -1,7 +1,7 @@
 """The hand-off between the asyncio server and the model thread: a bounded queue and per-request streams.
 
     server (asyncio)                       model thread
-    stream = batcher.submit(request)  ──►  batcher.take(free_slots, ...)   every decode step (iteration-level)
+    stream = queue.submit(request)    ──►  queue.take(free_slots, ...)     every decode step (iteration-level)
     async for delta in stream         ◄──  stream.push(delta)              via loop.call_soon_threadsafe
 
 `submit` never blocks: a full queue raises `QueueFull` (429) and a closed one `EngineStopped` (503). When the
@@ -104,7 +104,9 @@ def _put_all(items: list[tuple[RequestStream, Delta]]) -> None:
         stream._put(delta)
 
 
-class Batcher:
+class RequestQueue:
+    """Requests waiting for a batch slot: bounded, cancel-aware, and woken by `poke` for commands."""
+
     def __init__(self, max_queue: int, max_wait_s: float):
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s

@@ -15,7 +15,8 @@ import torch
 
 from lorafleet.serving.adapters import AdapterError, inspect_adapter
 from lorafleet.serving.config import ServingConfig
-from lorafleet.serving.engine import CPUEngine, GenerationRequest, UnknownModel
+from lorafleet.serving.engine import CPUEngine
+from lorafleet.serving.engine_api import GenerationRequest, UnknownModel
 from lorafleet.serving.request_queue import EngineStopped, QueueFull
 from lorafleet.serving.sampling import SamplingParams, TextTracker, choose_tokens, make_generator
 from lorafleet.serving.testing import make_adapter
@@ -174,15 +175,15 @@ def test_stop_string_cuts_the_text(engine, references):
 
 
 def test_eos_ends_the_sequence_unless_ignored(engine):
-    saved = engine._eos
-    engine._eos = set(range(len(engine.tokenizer)))  # whatever comes first is an end-of-text token
+    saved = engine.eos_ids
+    engine.eos_ids = set(range(len(engine.tokenizer)))  # whatever comes first is an end-of-text token
     try:
         text, last = run(engine, PROMPTS[0], "a", SamplingParams(max_tokens=NEW_TOKENS, temperature=0))
         assert (text, last.finish_reason, last.stop_reason, last.completion_tokens) == ("", "stop", None, 1)
         text, last = run(engine, PROMPTS[0], "a", GREEDY)
         assert (last.finish_reason, last.completion_tokens) == ("length", NEW_TOKENS)
     finally:
-        engine._eos = saved
+        engine.eos_ids = saved
 
 
 def test_reload_in_place_never_serves_stale_weights(engine, adapter_dir, references):

@@ -1,0 +1,134 @@
+"""What completions and chat share: checks before a request is queued, its sampling parameters, the response."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.engine_api import Engine, GenerationRequest, UnknownModel
+from lorafleet.serving.handlers.streaming import Observer, sse_events
+from lorafleet.serving.metrics import ServerMetrics
+from lorafleet.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionResponse,
+    Unsupported,
+    Usage,
+)
+from lorafleet.serving.request_queue import Delta, QueueFull, RequestStream, ServingError
+from lorafleet.serving.sampling import SamplingParams
+
+
+class BadRequest(ServingError):
+    status = 400
+    type = "BadRequestError"
+
+
+class GenerationHandler:
+    chat: bool
+    prompt_field: str
+
+    def __init__(self, config: ServingConfig, engine: Engine, metrics: ServerMetrics):
+        self.config = config
+        self.engine = engine
+        self.metrics = metrics
+
+    async def generate(self, request: Request, body, prompt_ids: list[int]) -> Response:
+        try:
+            body.unsupported()
+        except Unsupported as exc:
+            raise BadRequest(str(exc), param=exc.param) from None
+        if not self.engine.has_model(body.model):
+            raise UnknownModel(body.model)
+        request.state.model = body.model
+        params = self.sampling_params(body, len(prompt_ids))
+        started = time.monotonic()
+        stream = self._submit(GenerationRequest(prompt_ids, body.model, params))
+        response_id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        observed = Observer(self.metrics, body.model, started)
+        if body.stream:
+            options = body.stream_options
+            events = sse_events(
+                stream,
+                observed,
+                response_id,
+                body.model,
+                chat=self.chat,
+                include_usage=bool(options and options.include_usage),
+                continuous=bool(options and options.continuous_usage_stats),
+            )
+            return StreamingResponse(events, media_type="text/event-stream")
+        text, last = await self._collect(stream, observed)
+        return JSONResponse(self._response(response_id, body.model, text, last).model_dump(mode="json"))
+
+    def _submit(self, request: GenerationRequest) -> RequestStream:
+        try:
+            return self.engine.submit(request, asyncio.get_running_loop())
+        except QueueFull:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise
+        except ServingError as exc:
+            if exc.status == 503:
+                self.metrics.rejected.labels(reason="shutting_down").inc()
+            raise
+
+    async def _collect(self, stream: RequestStream, observed: Observer) -> tuple[str, Delta]:
+        text, last = [], Delta()
+        try:
+            async for delta in stream:
+                observed.delta(delta)
+                if delta.error is not None:
+                    raise delta.error
+                text.append(delta.text)
+                last = delta
+        finally:
+            stream.cancel()  # a no-op when finished; frees the slot if the client went away
+        return "".join(text), last
+
+    def _response(self, response_id: str, model: str, text: str, last: Delta):
+        usage = Usage.of(last.prompt_tokens, last.completion_tokens)
+        created = int(time.time())
+        if self.chat:
+            message = AssistantMessage(content=text)
+            choice = ChatChoice(message=message, finish_reason=last.finish_reason, stop_reason=last.stop_reason)
+            return ChatCompletionResponse(id=response_id, created=created, model=model, choices=[choice], usage=usage)
+        choice = CompletionChoice(text=text, finish_reason=last.finish_reason, stop_reason=last.stop_reason)
+        return CompletionResponse(id=response_id, created=created, model=model, choices=[choice], usage=usage)
+
+    def sampling_params(self, body, prompt_len: int) -> SamplingParams:
+        limit, prompt_field, cap = self.engine.max_model_len, self.prompt_field, self.config.max_tokens
+        if prompt_len == 0:
+            raise BadRequest("the prompt is empty", param=prompt_field)
+        if prompt_len >= limit:
+            raise BadRequest(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has {prompt_len} "
+                "tokens. Please reduce the length of the prompt.",
+                param=prompt_field,
+            )
+        wanted = body.token_limit if self.chat else body.max_tokens
+        field = "max_completion_tokens" if self.chat and body.max_completion_tokens is not None else "max_tokens"
+        if wanted is not None and wanted > cap:
+            raise BadRequest(f"{field} {wanted} is above this server's cap of {cap}", param=field)
+        if wanted is not None and prompt_len + wanted > limit:
+            raise BadRequest(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt_len + wanted} tokens ({prompt_len} in the {prompt_field}, {wanted} in the completion). "
+                f"Please reduce the length of the {prompt_field} or the completion.",
+                param=field,
+            )
+        return SamplingParams(
+            max_tokens=wanted if wanted is not None else min(cap, limit - prompt_len),
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k if body.top_k and body.top_k > 0 else 0,
+            seed=body.seed,
+            stop=tuple(body.stop_list),
+            ignore_eos=body.ignore_eos,
+        )

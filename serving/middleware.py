@@ -10,6 +10,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lorafleet.serving.metrics import ServerMetrics
+from lorafleet.serving.protocol import ErrorBody, ErrorResponse
 
 # The playground page is static and holds no data; it asks the user for the key and sends it on its API calls.
 UNAUTHENTICATED_PATHS = ("/", "/health")
@@ -17,7 +18,7 @@ UNAUTHENTICATED_PATHS = ("/", "/health")
 
 def error_body(message: str, type_: str, status: int, param: str | None = None) -> dict:
     """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=status)).model_dump()
 
 
 async def send_error(send: Send, status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> None:

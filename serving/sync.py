@@ -119,7 +119,7 @@ class SyncFailed(LorafleetError):
 
 
 @dataclass(frozen=True)
-class Wanted:
+class DesiredAdapter:
     """One adapter a server should serve: under `name`, the registry folder `path` (version `version`)."""
 
     name: str
@@ -132,14 +132,14 @@ class Wanted:
         return f"{self.name}@{self.version}"
 
     @property
-    def helper(self) -> str:
+    def staging_name(self) -> str:
         """The versioned name a new version is loaded and probed under before `name` moves to it."""
         return check_adapter_name(f"{self.name}.{self.version}")
 
 
 @dataclass
 class Desired:
-    adapters: dict[str, Wanted] = field(default_factory=dict)
+    adapters: dict[str, DesiredAdapter] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     keep: set[str] = field(default_factory=set)  # names that could not be read this pass: leave them as they are
 
@@ -171,7 +171,7 @@ def read_desired(config: SyncConfig) -> Desired:
             desired.errors.append(f"{reference}: {exc}")
             desired.keep.add(ref.name)
             continue
-        desired.adapters[ref.name] = Wanted(ref.name, str(reference), found.version, str(found.path))
+        desired.adapters[ref.name] = DesiredAdapter(ref.name, str(reference), found.version, str(found.path))
     return desired
 
 
@@ -279,31 +279,33 @@ class Syncer:
         real = os.path.realpath(root)
         return Path(real).is_relative_to(self.adapters_dir)
 
-    def _rollout(self, target: Target, wanted: Wanted, current: str | None, loaded: dict[str, str | None]) -> None:
-        client, url, helper = target.client, target.url, wanted.helper
+    def _rollout(
+        self, target: Target, wanted: DesiredAdapter, current: str | None, loaded: dict[str, str | None]
+    ) -> None:
+        client, url, staging_name = target.client, target.url, wanted.staging_name
         was = self._version_of(current) if wanted.name in loaded else None
         try:
-            self._retrying(lambda: self._load(client, helper, wanted.path))
+            self._retrying(lambda: self._load(client, staging_name, wanted.path))
         except (httpx.HTTPError, ServingAPIError) as exc:
             raise RolloutFailed(
-                f"loading {wanted.path} as {helper} failed ({exc}); {self._keeps(wanted, was)}"
+                f"loading {wanted.path} as {staging_name} failed ({exc}); {self._keeps(wanted, was)}"
             ) from None
-        target.ours[helper] = wanted.path
-        log.info("loaded %s as %s on %s", wanted.label, helper, url)
+        target.ours[staging_name] = wanted.path
+        log.info("loaded %s as %s on %s", wanted.label, staging_name, url)
         try:
-            self._retrying(lambda: client.probe(helper, self.config.probe_prompt))
+            self._retrying(lambda: client.probe(staging_name, self.config.probe_prompt))
         except (httpx.HTTPError, ServingAPIError) as exc:
-            self._unload_quietly(target, helper)
-            raise RolloutFailed(f"the probe of {helper} failed ({exc}); {self._keeps(wanted, was)}") from None
+            self._unload_quietly(target, staging_name)
+            raise RolloutFailed(f"the probe of {staging_name} failed ({exc}); {self._keeps(wanted, was)}") from None
         try:
             self._retrying(lambda: self._load(client, wanted.name, wanted.path))
         except (httpx.HTTPError, ServingAPIError) as exc:
-            self._unload_quietly(target, helper)
+            self._unload_quietly(target, staging_name)
             raise RolloutFailed(f"switching {wanted.name} failed ({exc}); {self._keeps(wanted, was)}") from None
         target.ours[wanted.name] = wanted.path
         log.info("loaded %s as %s on %s%s", wanted.label, wanted.name, url, f" (was {was})" if was else "")
-        self._unload(target, helper)
-        log.info("unloaded %s on %s", helper, url)
+        self._unload(target, staging_name)
+        log.info("unloaded %s on %s", staging_name, url)
 
     def _load(self, client: ServingClient, name: str, path: str) -> None:
         """Load `path` as `name`, replacing what `name` serves (new weights first, then the name moves)."""
@@ -344,7 +346,7 @@ class Syncer:
         return real.name if self._managed(root) and real.name.startswith("v") else root
 
     @staticmethod
-    def _keeps(wanted: Wanted, was: str | None) -> str:
+    def _keeps(wanted: DesiredAdapter, was: str | None) -> str:
         return f"{wanted.name} keeps serving {was}" if was else f"{wanted.name} is not served"
 
     def _retrying(self, call: Callable[[], T]) -> T:

@@ -128,7 +128,7 @@ def test_cli_once_loads_a_new_version_on_both_replicas_and_is_idempotent(storage
     for server in servers:
         assert f"loaded price@v1 as price.v1 on {server.url}" in first.stderr
         assert f"loaded price@v1 as price on {server.url}" in first.stderr
-        assert set(loaded(server.url)) == {"price", *REFS}  # the helper name is gone again
+        assert set(loaded(server.url)) == {"price", *REFS}  # the staging name is gone again
         assert complete(server.url, "price") == complete(server.url, "ref1")
 
     publish_adapter(storage, "price", sources["ref2"])  # latest moves to v2

@@ -19,7 +19,7 @@ import filelock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lorafleet.registry.layout import LATEST, Kind, Registry, RegistryError
-from lorafleet.registry.manifest import utc_now, who
+from lorafleet.registry.manifest import user_at_host, utc_now
 from lorafleet.storage import write_text_atomic
 
 ALIASES_FILE = "aliases.json"
@@ -55,7 +55,7 @@ class AliasFile(BaseModel):
             alias=alias,
             version=version,
             previous=self.aliases.get(alias),
-            by=who(),
+            by=user_at_host(),
             **details,
         )
         if version is None:

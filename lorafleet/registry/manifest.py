@@ -97,7 +97,7 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def who() -> str:
+def user_at_host() -> str:
     try:
         user = getpass.getuser()
     except Exception:  # no passwd entry in some containers

@@ -48,8 +48,8 @@ from lorafleet.registry.manifest import (
     extract_metrics,
     local_base_folder,
     tokenizer_fingerprint,
+    user_at_host,
     utc_now,
-    who,
 )
 from lorafleet.runs import ADAPTER_DIR, CONFIG_FILE, MERGED_DIR, RECORD_FILE, REPORT_DIR, RunFolder, find_run_dir
 from lorafleet.storage import fsync_dir, fsync_tree, write_text_atomic
@@ -233,7 +233,7 @@ def _publish_files(
         fsync_tree(staging)
         history = [
             *fields.pop("history", []),
-            {"event": "published", "at": utc_now(), "by": who(), "source": str(source)},
+            {"event": "published", "at": utc_now(), "by": user_at_host(), "source": str(source)},
         ]
         version = _claim_version(registry, kind, name, staging, fields | {"history": history, "files": digests})
     finally:
@@ -300,7 +300,7 @@ def unpublish(storage_uri: str | Path | None, reference: str, *, kind: Kind = "a
             raise RegistryError(
                 f"{ref} is what {', '.join(pointing)} point(s) at: promote another version first or --force"
             )
-        write_text_atomic(name_dir / RETIRED_DIR / version, json.dumps({"at": utc_now(), "by": who()}) + "\n")
+        write_text_atomic(name_dir / RETIRED_DIR / version, json.dumps({"at": utc_now(), "by": user_at_host()}) + "\n")
         retired = Path(tempfile.mkdtemp(prefix=f"{UNPUBLISHED_PREFIX}{version}-", dir=name_dir))
         os.rename(name_dir / version, retired / version)
         fsync_dir(name_dir)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +27,7 @@ from lorafleet.adapter_config import (
 from lorafleet.errors import ConfigError, Problem
 from lorafleet.paths import default_storage_uri
 from lorafleet.schema import Section
-from lorafleet.yamlsource import YamlSource, apply_override, parse_override
+from lorafleet.yamlsource import UNKNOWN_KEY, YamlSource, apply_overrides, validation_message
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
@@ -302,17 +301,7 @@ def resolve_data_reference(value: str, base_dir: Path) -> str:
 def load_job_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read, override (`key.path=value`) and validate a job YAML; raise ConfigError with every problem."""
     source = YamlSource.read(Path(path))
-    data = source.data
-    problems: list[Problem] = []
-    for override in overrides or []:
-        try:
-            key, value = parse_override(override)
-            data = apply_override(data, key, value)
-        except ValueError as exc:
-            problems.append(Problem(f"--set {override}", str(exc)))
-    if problems:
-        raise ConfigError(str(path), problems)
-    return validate_job_config(data, source)
+    return validate_job_config(apply_overrides(source.data, overrides or [], str(path)), source)
 
 
 def validate_job_config(data: Any, source: YamlSource) -> JobConfig:
@@ -329,14 +318,8 @@ def _problem_from(error: dict[str, Any], source: YamlSource) -> Problem:
     method = None
     if keys[:1] == ["adapter"] and len(keys) > 1 and knobs_of(keys[1]):
         method = keys.pop(1)  # the tag of the adapter section pydantic chose: not a key of the YAML
-    field_path = ".".join(keys) or "(top level)"
-    message = re.sub(r"^Value error, ", "", error["msg"])
-    if error["type"] == "extra_forbidden" and method is not None:
-        message = adapter_knob_message(keys[-1], method)
-    elif error["type"] == "extra_forbidden":
-        message = "unknown key (check the spelling; see the config reference in the README)"
-    elif error["type"] == "missing":
-        message = "required key is missing"
-    elif "input" in error and error["type"] not in ("value_error",) and not isinstance(error["input"], dict):
-        message = f"{message} (got {error['input']!r})"
-    return Problem(f"{source.location_of(keys)} {field_path}", message)
+    if error["type"] == "extra_forbidden":
+        message = adapter_knob_message(keys[-1], method) if method else f"{UNKNOWN_KEY}; see docs/config.md"
+    else:
+        message = validation_message(error)
+    return Problem(f"{source.location_of(keys)} {'.'.join(keys) or '(top level)'}", message)

@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import ConfigError, Problem
+from lorafleet.storage import is_local_uri
+from lorafleet.yamlsource import validation_problems
 
 API_VERSION = "ray.io/v1"
 GROUP, VERSION = "ray.io", "v1"
@@ -78,22 +80,28 @@ class ClusterOptions(BaseModel):
 
     image: str = Field(DEFAULT_IMAGE, description="Image of every Ray pod; must have lorafleet installed.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    namespace: str = Field("lorafleet", pattern=DNS1123_LABEL)
+    namespace: str = Field("lorafleet", pattern=DNS1123_LABEL, description="Namespace of the objects.")
     name: str | None = Field(None, description="Object name (default: from the run id / job name).")
     cluster: str | None = Field(None, description="Run on this existing RayCluster (clusterSelector).")
     pvc: str | None = Field("lorafleet-storage", description="ReadWriteMany claim holding shared storage.")
     mount_path: str = Field("/mnt/lorafleet", description="Where the claim is mounted in every pod.")
-    service_account: str | None = None
+    service_account: str | None = Field(
+        None, description="Service account of the Ray pods (default: none, and no API token mounted)."
+    )
     head_cpu: str = Field("2", pattern=QUANTITY)
     head_memory: str = Field("8Gi", pattern=QUANTITY)
-    worker_memory: str | None = Field(None, pattern=QUANTITY, description="Default: 4Gi per worker CPU.")
+    worker_memory: str | None = Field(
+        None, pattern=QUANTITY, description="Worker pod memory, e.g. 64Gi (default: 4Gi per worker CPU)."
+    )
     shm_size: str | None = Field(None, pattern=QUANTITY, description="/dev/shm (memory-backed) size limit.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="For every pod.")
     gpu_node_selector: dict[str, str] = Field(default_factory=dict, description="Added for GPU worker pods.")
     gpu_tolerations: list[Toleration] = Field(
         default_factory=lambda: [Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
     )
-    submission_mode: Literal["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"] = "K8sJobMode"
+    submission_mode: Literal["K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode"] = Field(
+        "K8sJobMode", description="How KubeRay submits the job: K8sJobMode, HTTPMode, InteractiveMode or SidecarMode."
+    )
     shutdown_after_job_finishes: bool = True
     ttl_seconds_after_finished: int = Field(3600, ge=0, description="Keep the finished cluster this long.")
     active_deadline_seconds: int | None = Field(None, gt=0, description="Fail the job after this long.")
@@ -130,11 +138,7 @@ def load_cluster_options(values: dict[str, Any], source: str = "cluster options"
     try:
         return ClusterOptions.model_validate(values)
     except ValidationError as exc:
-        problems = [
-            Problem(".".join(str(p) for p in error["loc"]) or "(options)", re.sub(r"^Value error, ", "", error["msg"]))
-            for error in exc.errors()
-        ]
-        raise ConfigError(source, problems) from None
+        raise ConfigError(source, validation_problems(exc, where=lambda keys: ".".join(keys) or "(options)")) from None
 
 
 # ---- names and labels -------------------------------------------------------------------------------
@@ -169,10 +173,6 @@ def _labels(job: JobConfig, run_id: str | None = None) -> dict[str, str]:
 
 
 # ---- the job config as the cluster sees it ----------------------------------------------------------
-
-
-def is_local_uri(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
 
 
 def cluster_job_config(job: JobConfig, options: ClusterOptions) -> dict[str, Any]:

@@ -24,6 +24,11 @@ def is_valid_run_id(run_id: str) -> bool:
     return bool(RUN_ID_PATTERN.match(run_id))
 
 
+def is_local_uri(uri: str) -> bool:
+    """A filesystem path (plain or file://), as opposed to an object store (s3://, gs://, ...)."""
+    return "://" not in uri or uri.startswith("file://")
+
+
 @dataclass(frozen=True)
 class StorageRoot:
     """The root of shared storage: runs live in `runs/<run-id>/`, the registry in `adapters/` and `models/`."""
@@ -32,7 +37,7 @@ class StorageRoot:
 
     @property
     def is_local(self) -> bool:
-        return "://" not in self.uri or self.uri.startswith("file://")
+        return is_local_uri(self.uri)
 
     @property
     def local_path(self) -> Path:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from lorafleet.errors import ConfigError, Problem
 
@@ -92,3 +95,47 @@ def apply_override(data: Any, keys: list[str], value: Any) -> dict[str, Any]:
         node = node[key]
     node[keys[-1]] = value
     return result
+
+
+def apply_overrides(data: Any, overrides: list[str], source: str) -> Any:
+    """Every `--set key.path=value` applied in order; ConfigError naming each bad one."""
+    problems: list[Problem] = []
+    for override in overrides:
+        try:
+            keys, value = parse_override(override)
+            data = apply_override(data, keys, value)
+        except ValueError as exc:
+            problems.append(Problem(f"--set {override}", str(exc)))
+    if problems:
+        raise ConfigError(source, problems)
+    return data
+
+
+UNKNOWN_KEY = "unknown key (check the spelling)"
+
+
+def validation_message(error: dict[str, Any]) -> str:
+    """A pydantic error as a person reads it: no "Value error," prefix, the value that was refused."""
+    message = re.sub(r"^Value error, ", "", error["msg"])
+    if error["type"] == "extra_forbidden":
+        return UNKNOWN_KEY
+    if error["type"] == "missing":
+        return "required key is missing"
+    if "input" in error and error["type"] != "value_error" and not isinstance(error["input"], dict):
+        return f"{message} (got {error['input']!r})"
+    return message
+
+
+def validation_problems(
+    exc: ValidationError, source: YamlSource | None = None, *, where: Callable[[list[str]], str] | None = None
+) -> list[Problem]:
+    """Every error of `exc` as a Problem at `file:line key.path` (with `source`) or at `where(keys)`."""
+    problems = []
+    for error in exc.errors():
+        keys = [str(part) for part in error["loc"]]
+        if where is not None:
+            location = where(keys)
+        else:
+            location = f"{source.location_of(keys)} {'.'.join(keys) or '(top level)'}" if source else ".".join(keys)
+        problems.append(Problem(location or "(top level)", validation_message(error)))
+    return problems

@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorafleet.errors import ConfigError, LorafleetError, Problem
 from lorafleet.paths import default_storage_uri
 from lorafleet.registry.contract import VLLM_LORA_RANKS  # vLLM 0.33 LoRAConfig.max_lora_rank choices
+from lorafleet.storage import local_path_of
+from lorafleet.yamlsource import validation_problems
 
 ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # The CPU engine keeps every loaded adapter in memory; without max_cpu_loras it holds at most this many.
@@ -148,8 +150,9 @@ class ServingConfig(BaseModel):
             roots = [Path(root) for root in self.adapter_roots]
         else:
             roots = [Path(path).parent for path in self.adapters.values()]
-            if "://" not in self.storage_uri or self.storage_uri.startswith("file://"):
-                roots.append(Path(self.storage_uri.removeprefix("file://")))
+            local_storage = local_path_of(self.storage_uri)
+            if local_storage is not None:
+                roots.append(local_storage)
         unique: list[Path] = []
         for root in roots:
             resolved = root.expanduser().resolve()
@@ -180,15 +183,8 @@ def build_serving_config(yaml_path: Path | None, overrides: dict[str, Any]) -> S
     try:
         return ServingConfig.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            keys = [str(part) for part in error["loc"]]
-            where = source.location_of(keys) if source else source_name
-            message = re.sub(r"^Value error, ", "", error["msg"])
-            if error["type"] == "extra_forbidden":
-                message = "unknown key (check the spelling)"
-            problems.append(Problem(f"{where} {'.'.join(keys) or '(top level)'}", message))
-        raise ConfigError(source_name, problems) from None
+        where = None if source else (lambda keys: f"{source_name} {'.'.join(keys) or '(top level)'}")
+        raise ConfigError(source_name, validation_problems(exc, source, where=where)) from None
 
 
 REGISTRY_BASE_PREFIX = "registry:"

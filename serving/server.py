@@ -21,6 +21,16 @@ from fastapi import FastAPI
 from lorafleet.serving.config import ServingConfig
 
 
+def free_port(avoid: range | None = None) -> int:
+    """A TCP port on 127.0.0.1 that is free now (and outside `avoid`)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if avoid is None or port not in avoid:
+            return port
+
+
 class ServerThread:
     """uvicorn serving `app` from a background thread; the socket is bound before start (no port race)."""
 

@@ -15,10 +15,8 @@ from lorafleet.serving.batch_inference import run_batch
 from lorafleet.serving.batch_rows import BatchJob
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.server import ServerThread
-from lorafleet.serving.testing import make_adapter
-from tests.conftest import run_cli
+from tests.helpers import BASE_ID, run_cli, tiny_serving_config, two_adapters
 
-BASE_ID = "tiny"
 GREEDY = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
 ROWS = [
     {"custom_id": "c1", "model": "a", "prompt": "Hello there", **GREEDY},
@@ -31,18 +29,8 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def settings(tiny_model_dir, tmp_path_factory) -> ServingConfig:
-    root = tmp_path_factory.mktemp("batch-adapters")
-    make_adapter(tiny_model_dir, root / "a", "lora", seed=1)
-    make_adapter(tiny_model_dir, root / "b", "lora-all", seed=2)
-    return ServingConfig(
-        base=tiny_model_dir,
-        served_model_name=BASE_ID,
-        adapters={"a": str(root / "a"), "b": str(root / "b")},
-        max_model_len=128,
-        max_tokens=16,
-        drain_timeout_s=5,
-        torch_threads=1,
-    )
+    root = two_adapters(tiny_model_dir, tmp_path_factory.mktemp("batch-adapters"))
+    return tiny_serving_config(tiny_model_dir, root, max_model_len=128, max_tokens=16, drain_timeout_s=5)
 
 
 @pytest.fixture(scope="module")

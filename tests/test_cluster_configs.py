@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lorafleet.config import load_job_config
-from tests.conftest import CONFIGS
+from tests.helpers import CONFIGS
 
 # file: model, quantization, method, strategy, ZeRO stage, offload (optimizer, params), GPU workers
 EXAMPLES = {

@@ -8,7 +8,7 @@ import pytest
 
 from lorafleet.config import JobConfig, load_job_config
 from lorafleet.errors import ConfigError
-from tests.conftest import CONFIGS, run_cli
+from tests.helpers import CONFIGS, run_cli
 
 VALID = """\
 name: job
@@ -98,7 +98,7 @@ def test_set_overrides_apply_and_are_validated(tmp_path: Path) -> None:
 
 def test_config_reference_doc_is_current() -> None:
     from lorafleet.config_reference import render
-    from tests.conftest import REPO
+    from tests.helpers import REPO
 
     assert (REPO / "docs" / "config.md").read_text() == render(), (
         "docs/config.md is stale: python -m lorafleet.config_reference > docs/config.md"

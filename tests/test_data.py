@@ -21,7 +21,7 @@ from lorafleet.training.data import build_datasets, encode, load_samples, split_
 from lorafleet.training.data_formats import Alpaca, Chat, Completion, Message, Renderer, Text
 from lorafleet.training.data_packing import IGNORE_INDEX, Collator, pack
 from lorafleet.training.data_sources import DataSourceError, load_rows
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 ROWS: dict[str, list[dict[str, Any]]] = {
     "alpaca": [

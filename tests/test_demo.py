@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CONFIGS, run_cli
+from tests.helpers import CONFIGS, run_cli
 
 pytestmark = pytest.mark.slow
 

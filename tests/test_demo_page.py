@@ -20,11 +20,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from lorafleet.serving.app import create_app
-from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.server import ServerThread
-from lorafleet.serving.testing import make_adapter
+from tests.helpers import BASE_ID, tiny_serving_config, two_adapters
 
-BASE_ID = "tiny"
 PROMPT = "Tell me about the sea"
 MAX_TOKENS = 48
 RECORD_OUTPUT = """
@@ -59,27 +57,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo-adapters")
-    make_adapter(tiny_model_dir, root / "a", "lora", seed=1)
-    make_adapter(tiny_model_dir, root / "b", "lora-all", seed=2)
-    return root
-
-
-def _config(tiny_model_dir, adapter_dir, **changes) -> ServingConfig:
-    values = {
-        "base": tiny_model_dir,
-        "served_model_name": BASE_ID,
-        "adapters": {"a": str(adapter_dir / "a"), "b": str(adapter_dir / "b")},
-        "max_model_len": 256,
-        "max_tokens": 64,
-        "torch_threads": 1,
-    }
-    return ServingConfig(**{**values, **changes})
+    return two_adapters(tiny_model_dir, tmp_path_factory.mktemp("demo-adapters"))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, adapter_dir):
-    with ServerThread(create_app(_config(tiny_model_dir, adapter_dir))) as running:
+    with ServerThread(create_app(tiny_serving_config(tiny_model_dir, adapter_dir))) as running:
         yield running
 
 
@@ -155,7 +138,7 @@ def test_page_loads_nothing_from_elsewhere(server, browser):
 
 
 def test_api_key_field_when_the_server_requires_one(tiny_model_dir, adapter_dir, browser):
-    config = _config(tiny_model_dir, adapter_dir, api_key="s3cret")
+    config = tiny_serving_config(tiny_model_dir, adapter_dir, api_key="s3cret")
     with ServerThread(create_app(config)) as secured:
         assert httpx.get(secured.url + "/").status_code == 200  # the page itself needs no key ...
         assert httpx.get(secured.url + "/v1/models").status_code == 401  # ... everything else still does

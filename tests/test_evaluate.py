@@ -19,7 +19,7 @@ from lorafleet.training.evaluate_metrics import (
     parse_reference_number,
     task_metrics,
 )
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 EVAL_FILES = ("eval.json", "eval.md", "eval_metrics.png", "eval_scatter.png", "eval_generations.jsonl")
 

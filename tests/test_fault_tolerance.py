@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import CONFIGS, REPO
+from tests.helpers import CONFIGS, REPO
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli
+from lorafleet.serving.server import free_port
+from tests.helpers import REPO, run_cli
 
 CHART = REPO / "helm" / "lorafleet-serving"
 BIN = Path(sys.executable).parent  # .venv/bin, where `make tools` installs them
@@ -535,12 +535,6 @@ def test_chart_args_match_print_command(values, cli_args, tmp_path):
     out = run_cli("serve", "--engine", "vllm", "--print-command", *cli_args, "--host", "0.0.0.0", "--port", "8000")
     assert out.returncode == 0, f"lorafleet serve --print-command failed ({out.returncode}):\n{out.stderr}"
     assert shlex.split(out.stdout.strip().splitlines()[-1]) == chart_argv
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 180) -> None:

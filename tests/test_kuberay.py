@@ -32,7 +32,7 @@ from lorafleet.kuberay import (
     render_raycluster,
     render_rayjob,
 )
-from tests.conftest import CONFIGS, REPO, run_cli
+from tests.helpers import CONFIGS, REPO, run_cli
 
 CRDS = Path(__file__).resolve().parents[2] / "shared" / "crds"
 K8S_VERSION = "1.30"

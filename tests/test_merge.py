@@ -10,7 +10,7 @@ import torch
 
 from lorafleet.config import JobConfig
 from lorafleet.runs import RunFolder, RunRecord
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 INPUT_IDS = torch.tensor([[1, 40, 77, 90, 120, 33, 200, 7, 64, 5], [3, 9, 27, 81, 243, 100, 50, 25, 12, 6]])
 

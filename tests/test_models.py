@@ -13,7 +13,7 @@ import torch
 from lorafleet import gguf_import
 from lorafleet.errors import LorafleetError
 from lorafleet.models import ModelNotFound, resolve_model
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

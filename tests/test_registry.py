@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
 
 from lorafleet.config import JobConfig
 from lorafleet.registry import (
@@ -40,6 +39,7 @@ from lorafleet.registry import (
     verify,
 )
 from lorafleet.runs import RunFolder, RunRecord
+from tests.helpers import REPO, run_cli
 
 BASE = "builtin:tiny-llama"
 WORKER = REPO / "tests" / "registry_worker.py"

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,35 +24,20 @@ import pytest
 from lorafleet.serving.app import create_app
 from lorafleet.serving.client import ServingAPIError, ServingClient
 from lorafleet.serving.config import ServingConfig
-from lorafleet.serving.server import ServerThread
-from lorafleet.serving.testing import make_adapter
-from tests.conftest import REPO
+from lorafleet.serving.server import ServerThread, free_port
+from tests.helpers import BASE_ID, REPO, tiny_serving_config, two_adapters
 
-BASE_ID = "tiny"
 PROMPTS = ["Hello there", "The quick brown fox", "x", "Once upon a time"]
 
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("api-adapters")
-    make_adapter(tiny_model_dir, root / "a", "lora", seed=1)
-    make_adapter(tiny_model_dir, root / "b", "lora-all", seed=2)
-    return root
+    return two_adapters(tiny_model_dir, tmp_path_factory.mktemp("api-adapters"))
 
 
 def config_for(tiny_model_dir, adapter_dir, **changes) -> ServingConfig:
-    values = {
-        "base": tiny_model_dir,
-        "served_model_name": BASE_ID,
-        "adapters": {"a": str(adapter_dir / "a"), "b": str(adapter_dir / "b")},
-        "adapter_roots": [str(adapter_dir)],
-        "max_model_len": 256,
-        "max_tokens": 64,
-        "max_request_bytes": 64 * 1024,
-        "drain_timeout_s": 10,
-        "torch_threads": 1,  # the model thread only; steadier on a busy CI machine
-    }
-    return ServingConfig(**{**values, **changes})
+    values = {"adapter_roots": [str(adapter_dir)], "max_request_bytes": 64 * 1024, "drain_timeout_s": 10}
+    return tiny_serving_config(tiny_model_dir, adapter_dir, **{**values, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -387,15 +371,9 @@ def test_graceful_shutdown_finishes_streams(tiny_model_dir, adapter_dir):
     assert finish == "length"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow  # a fresh interpreter importing torch + transformers: ~10-20 s
 def test_cli_serve_starts_answers_and_stops_on_sigterm(tiny_model_dir, adapter_dir):
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-c", "from lorafleet.cli import main; main()", "serve", "--base", tiny_model_dir]
     command += ["--adapter", f"a={adapter_dir / 'a'}", "--port", str(port), "--served-model-name", BASE_ID]
     command += ["--max-batch-size", "2"]
@@ -416,7 +394,7 @@ def test_cli_serve_starts_answers_and_stops_on_sigterm(tiny_model_dir, adapter_d
 
 
 def test_cli_serve_refuses_bad_adapter_flag(tiny_model_dir):
-    from tests.conftest import run_cli
+    from tests.helpers import run_cli
 
     result = run_cli("serve", "--base", tiny_model_dir, "--adapter", "no-equals-sign")
     assert result.returncode == 2 and "expected NAME=PATH" in result.stderr

@@ -22,9 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from lorafleet.serving.app import create_app
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.server import ServerThread
-from lorafleet.serving.testing import make_adapter
+from tests.helpers import BASE_ID, tiny_serving_config, two_adapters
 
-BASE_ID = "tiny"
 MODELS = (BASE_ID, "a", "b")
 CLIENTS = 64
 DURATION_S = 30.0
@@ -46,24 +45,11 @@ class Tally:
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("load-adapters")
-    make_adapter(tiny_model_dir, root / "a", "lora", seed=1)
-    make_adapter(tiny_model_dir, root / "b", "lora-all", seed=2)
-    return root
+    return two_adapters(tiny_model_dir, tmp_path_factory.mktemp("load-adapters"))
 
 
 def _config(tiny_model_dir, adapter_dir, max_queue: int) -> ServingConfig:
-    return ServingConfig(
-        base=tiny_model_dir,
-        served_model_name=BASE_ID,
-        adapters={"a": str(adapter_dir / "a"), "b": str(adapter_dir / "b")},
-        max_model_len=256,
-        max_tokens=64,
-        max_batch_size=BATCH,
-        max_queue=max_queue,
-        max_wait_ms=2,
-        torch_threads=1,
-    )
+    return tiny_serving_config(tiny_model_dir, adapter_dir, max_batch_size=BATCH, max_queue=max_queue, max_wait_ms=2)
 
 
 async def _client(client: openai.AsyncOpenAI, index: int, deadline: float, tally: Tally) -> None:

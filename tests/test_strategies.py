@@ -19,7 +19,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from tests.conftest import CONFIGS, run_cli
+from tests.helpers import CONFIGS, run_cli
 from tests.test_methods import CPU, tiny_job
 
 deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")

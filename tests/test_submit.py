@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,8 @@ from lorafleet.config import load_job_config
 from lorafleet.errors import LorafleetError
 from lorafleet.jobs import KubeRayJobs, RayJobs, read_runtime_env, stage_job
 from lorafleet.kuberay import ClusterOptions, render_rayjob
-from tests.conftest import CONFIGS, run_cli
+from lorafleet.serving.server import free_port
+from tests.helpers import CONFIGS, run_cli
 
 TINY = CONFIGS / "tiny.yaml"
 RAY_DEFAULT_EXTRAS = "aiohttp_cors, colorful, opencensus, opentelemetry-*, py-spy, smart_open, virtualenv"
@@ -102,7 +102,7 @@ def test_submit_without_an_address_or_with_dry_run_alone_explains_itself():
     assert result.returncode == 1 and "pass --address http://HEAD:8265" in result.stderr
     result = run_cli("submit", "configs/tiny.yaml", "--dry-run", env=env)
     assert result.returncode == 1 and "--dry-run needs --k8s" in result.stderr
-    result = run_cli("jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}")
+    result = run_cli("jobs", "list", "--address", f"http://127.0.0.1:{free_port(avoid=RAY_WORKER_PORTS)}")
     assert result.returncode == 1 and "cannot reach the Ray dashboard" in result.stderr
     with pytest.raises(LorafleetError, match="--address"):
         RayJobs(None)
@@ -281,14 +281,7 @@ def test_submit_k8s_api_errors_become_clear_messages(fake_kube, tmp_path, code, 
 
 # ---- a real Ray cluster -----------------------------------------------------------------------------
 
-
-def _free_port() -> int:
-    while True:  # outside Ray's default worker port range (10002-19999)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if not 10000 <= port <= 20000:
-            return port
+RAY_WORKER_PORTS = range(10000, 20001)  # around Ray's default worker port range (10002-19999)
 
 
 def _stop_cluster(temp_dir: str) -> None:
@@ -346,7 +339,7 @@ def ray_cluster():
     which Ray writes on the first embedded `ray.init()` of a machine and then applies to every new cluster.
     """
     temp_dir = tempfile.mkdtemp(prefix="lfray-", dir="/tmp")  # short: unix socket paths are limited to ~107
-    dashboard = _free_port()
+    dashboard = free_port(avoid=RAY_WORKER_PORTS)
     bin_dir = Path(sys.executable).parent
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
     env = {**os.environ, **auth, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}  # `lorafleet`
@@ -355,7 +348,8 @@ def ray_cluster():
     command = [
         str(bin_dir / "ray"), "start", "--head", "--port", "0", "--num-cpus", "2", "--disable-usage-stats",
         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-        "--dashboard-agent-listen-port", str(_free_port()), "--ray-client-server-port", str(_free_port()),
+        "--dashboard-agent-listen-port", str(free_port(avoid=RAY_WORKER_PORTS)),
+        "--ray-client-server-port", str(free_port(avoid=RAY_WORKER_PORTS)),
         "--temp-dir", temp_dir,
     ]  # fmt: skip
     try:

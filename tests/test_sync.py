@@ -23,7 +23,7 @@ from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.server import ServerThread
 from lorafleet.serving.sync import SyncConfig, Syncer, parse_duration
 from lorafleet.serving.testing import make_adapter
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 BASE_ID = "tiny"
 PROMPT = "The quick brown fox"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import CONFIGS, run_cli
+from tests.helpers import CONFIGS, run_cli
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lorafleet.errors import LorafleetError
-from tests.conftest import CONFIGS, run_cli
+from tests.helpers import CONFIGS, run_cli
 from tests.test_methods import CPU, single_thread, tiny_job, train_in_process  # noqa: F401 (autouse fixture)
 
 HAS_BITSANDBYTES = __import__("importlib").util.find_spec("bitsandbytes") is not None

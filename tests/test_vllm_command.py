@@ -16,7 +16,7 @@ import pytest
 from lorafleet.errors import ConfigError
 from lorafleet.serving.config import ServingConfig, build_serving_config
 from lorafleet.serving.vllm import VLLM_VERSION, render_vllm_command, vllm_environment
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import typer
 from lorafleet.errors import LorafleetError
 from lorafleet.paths import default_storage_uri, shipped_configs_dir
 from lorafleet.runs import is_finished
+from lorafleet.serving.server import free_port
 
 DEMO_JOBS = (("price", "demo.yaml"), ("support", "demo-support.yaml"))
 QUESTIONS = {
@@ -56,7 +56,7 @@ def demo(
         limit = ("--max-examples", str(eval_examples)) if eval_examples else ()
         _step("lorafleet", "eval", run_id, "--storage", storage, *limit)
         _step("lorafleet", "publish", run_id, "--name", name, "--storage", storage)
-    port = port or _free_port()
+    port = port or free_port()
     server = _start_server(storage, ",".join(run_ids), port)
     try:
         _ask_each_adapter(port, list(run_ids))
@@ -73,12 +73,6 @@ def _step(*command: str) -> None:
     result = subprocess.run([sys.executable, "-m", "lorafleet", *command[1:]], check=False)
     if result.returncode != 0:
         raise LorafleetError(f"demo step failed (exit {result.returncode}): {shlex.join(command)}")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start_server(storage: str, adapters: str, port: int) -> subprocess.Popen:

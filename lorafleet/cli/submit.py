@@ -15,13 +15,16 @@ from pathlib import Path
 import typer
 
 from lorafleet.cli import options, render
+from lorafleet.cli.cluster_flags import ClusterFlags, with_cluster_flags
 from lorafleet.errors import LorafleetError
+from lorafleet.storage import is_local_uri
 
 AddressOption = typer.Option(
     None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard URL, e.g. http://ray-head:8265."
 )
 
 
+@with_cluster_flags(rayjob=True)
 def submit(
     config: Path = options.ConfigArg,
     overrides: list[str] = options.SetOption,
@@ -37,24 +40,9 @@ def submit(
     kubeconfig: str = typer.Option(
         None, "--kubeconfig", help="kubeconfig file (default: $KUBECONFIG, ~/.kube/config)."
     ),
-    image: str = render.ImageOption,
-    namespace: str = render.NamespaceOption,
-    pvc: str = render.PvcOption,
-    no_pvc: bool = render.NoPvcOption,
-    mount_path: str = render.MountPathOption,
-    cluster: str = render.ClusterOption,
-    name: str = render.NameOption,
-    node_selector: list[str] = render.NodeSelectorOption,
-    gpu_node_selector: list[str] = render.GpuNodeSelectorOption,
-    toleration: list[str] = render.TolerationOption,
-    service_account: str = render.ServiceAccountOption,
-    worker_memory: str = render.WorkerMemoryOption,
-    ttl: int = render.TtlOption,
-    active_deadline: int = render.DeadlineOption,
-    backoff_limit: int = render.BackoffOption,
-    submission_mode: str = render.SubmissionModeOption,
-    k8s_options: Path = render.K8sOptionsFile,
     poll_seconds: float = typer.Option(5.0, "--poll-seconds", hidden=True, help="Status poll interval (--wait)."),
+    *,
+    cluster: ClusterFlags,
 ) -> None:
     """Submit a fine-tune to a Ray cluster; prints the job id and the run id."""
     from lorafleet.jobs import submission_run_id
@@ -66,27 +54,7 @@ def submit(
             raise LorafleetError("--dry-run needs --k8s (it prints the RayJob)")
         _submit_ray(job, run_id, address, runtime_env, wait, poll_seconds)
         return
-
-    cluster_opts = render.cluster_options(
-        k8s_options,
-        runtime_env,
-        image=image,
-        namespace=namespace,
-        pvc=pvc,
-        no_pvc=no_pvc,
-        mount_path=mount_path,
-        cluster=cluster,
-        name=name,
-        node_selector=node_selector,
-        gpu_node_selector=gpu_node_selector,
-        gpu_tolerations=toleration,
-        service_account=service_account,
-        worker_memory=worker_memory,
-        ttl_seconds_after_finished=ttl,
-        active_deadline_seconds=active_deadline,
-        backoff_limit=backoff_limit,
-        submission_mode=submission_mode,
-    )
+    cluster_opts = cluster.options(runtime_env)
     if dry_run:
         typer.echo(render.rayjob_text(job, run_id, cluster_opts), nl=False)
         return
@@ -108,7 +76,7 @@ def _submit_ray(
             "its own disks. Set storage.uri to shared storage (an NFS/PVC path every node mounts, or s3://...)",
             err=True,
         )
-    elif "://" not in job.storage.uri:
+    elif is_local_uri(job.storage.uri):
         typer.echo(f"storage {job.storage.uri} (every node of the cluster must see this path)")
     if not wait:
         typer.echo(f"follow: lorafleet jobs logs {submission.job_id} --follow --address {address}")

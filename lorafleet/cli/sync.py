@@ -9,14 +9,14 @@ Exit codes (--once): 0 converged, 1 some target, load, probe or reference failed
 from __future__ import annotations
 
 import logging
-import re
 import signal
 import sys
 import threading
 
 import typer
 
-from lorafleet.errors import ConfigError, Problem
+from lorafleet.errors import ConfigError
+from lorafleet.yamlsource import validation_problems
 
 
 def sync(
@@ -69,13 +69,7 @@ def _config(storage, targets, adapters, interval, api_key):
         return SyncConfig(**values)
     except ValidationError as exc:
         flags = {"targets": "--target", "adapters": "--adapters", "interval_s": "--interval", "storage": "--storage"}
-        problems = [
-            Problem(
-                flags.get(str(error["loc"][0]) if error["loc"] else "", "arguments"),
-                re.sub(r"^Value error, ", "", error["msg"]),
-            )
-            for error in exc.errors()
-        ]
+        problems = validation_problems(exc, where=lambda keys: flags.get(keys[0] if keys else "", "arguments"))
         raise ConfigError("command line", problems) from None
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lorafleet.errors import ConfigError, Problem
 from lorafleet.registry.layout import Kind, Registry
 from lorafleet.registry.yamlfile import load_yaml_model, validate_yaml_data
 from lorafleet.storage import write_text_atomic
-from lorafleet.yamlsource import YamlSource, apply_override, parse_override
+from lorafleet.yamlsource import YamlSource, apply_overrides
 
 POLICY_FILE = "policy.yaml"
 LOWER_IS_BETTER_HINTS = ("loss", "mae", "mse", "rmse", "mape", "perplexity", "error", "wer", "cer", "latency")
@@ -123,16 +122,7 @@ def set_policy(
     registry = Registry.open(storage_uri)
     path = policy_path(registry, name, kind)
     source = YamlSource.read(path) if path.is_file() else YamlSource.parse("", name=str(path), base_dir=path.parent)
-    data = source.data
-    problems = []
-    for override in overrides:
-        try:
-            keys, value = parse_override(override)
-            data = apply_override(data, keys, value)
-        except ValueError as exc:
-            problems.append(Problem(f"--set {override}", str(exc)))
-    if problems:
-        raise ConfigError(str(path), problems)
+    data = apply_overrides(source.data, overrides, str(path))
     policy = validate_yaml_data(data, source, PromotionPolicy)
     text = yaml.safe_dump(policy.model_dump(mode="json", exclude_none=True, exclude_defaults=True), sort_keys=False)
     write_text_atomic(path, text)

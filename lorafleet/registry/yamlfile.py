@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from lorafleet.errors import ConfigError, Problem
-from lorafleet.yamlsource import YamlSource
+from lorafleet.yamlsource import YamlSource, validation_problems
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -25,11 +24,4 @@ def validate_yaml_data(data: object, source: YamlSource, model: type[ModelT]) ->
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            keys = [str(part) for part in error["loc"]]
-            message = re.sub(r"^Value error, ", "", error["msg"])
-            if error["type"] == "extra_forbidden":
-                message = "unknown key (check the spelling)"
-            problems.append(Problem(f"{source.location_of(keys)} {'.'.join(keys) or '(top level)'}", message))
-        raise ConfigError(source.name, problems) from None
+        raise ConfigError(source.name, validation_problems(exc, source)) from None

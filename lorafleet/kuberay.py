@@ -18,8 +18,8 @@ the submitter's shell command line (`ray job submit ... -- <entrypoint>`).
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
-import importlib.metadata
 import json
 import re
 from typing import Any, Literal
@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from lorafleet.config import JobConfig
 from lorafleet.errors import ConfigError, Problem
 from lorafleet.storage import is_local_uri
+from lorafleet.versions import DEFAULT_IMAGE, RAY_VERSION
 from lorafleet.yamlsource import validation_problems
 
 API_VERSION = "ray.io/v1"
@@ -44,15 +45,16 @@ CONFIG_DIR_IN_POD = "/tmp/lorafleet"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
-def _version(package: str, fallback: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return fallback
-
-
-RAY_VERSION = _version("ray", "2.60.0")
-DEFAULT_IMAGE = f"lorafleet:{_version('lorafleet', 'latest')}"
+# The Helm chart's non-root pod and container security (uid 1000 is the lorafleet image's user). The root
+# filesystem stays writable: Ray writes its session folders under /tmp/ray and the image's home.
+POD_SECURITY_CONTEXT = {
+    "runAsNonRoot": True,
+    "runAsUser": 1000,
+    "runAsGroup": 1000,
+    "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 class Toleration(BaseModel):
@@ -247,8 +249,14 @@ def runtime_env_for(options: ClusterOptions, *, storage_on_mount: bool) -> dict[
         )
     env = {"TOKENIZERS_PARALLELISM": "false"}
     if storage_on_mount:  # model downloads and conversions cached once for every pod and retry
-        env |= {"HF_HOME": f"{options.mount_path}/cache/huggingface", "LORAFLEET_HOME": f"{options.mount_path}/cache"}
+        env |= storage_env(options.mount_path, storage=False)
     return merge_runtime_env({"env_vars": env}, options.runtime_env)
+
+
+def storage_env(mount_path: str, *, storage: bool) -> dict[str, str]:
+    """Caches on the shared mount (and, with `storage`, the default storage root of commands run in the pod)."""
+    env = {"LORAFLEET_STORAGE": mount_path} if storage else {}
+    return env | {"LORAFLEET_HOME": f"{mount_path}/cache", "HF_HOME": f"{mount_path}/cache/huggingface"}
 
 
 # ---- pods -------------------------------------------------------------------------------------------
@@ -292,14 +300,19 @@ def _pod_template(
         "imagePullPolicy": options.image_pull_policy,
         "resources": resources,
         "volumeMounts": mounts,
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
     }
+    if options.pvc:  # drivers started on a long-lived cluster find storage and the shared caches by default
+        container["env"] = [
+            {"name": name, "value": value} for name, value in storage_env(options.mount_path, storage=True).items()
+        ]
     if role == "head":
         container["ports"] = [
             {"containerPort": 6379, "name": "gcs-server"},
             {"containerPort": 8265, "name": "dashboard"},
             {"containerPort": 10001, "name": "client"},
         ]
-    spec: dict[str, Any] = {"containers": [container], "volumes": volumes}
+    spec: dict[str, Any] = {"securityContext": copy.deepcopy(POD_SECURITY_CONTEXT), "containers": [container], "volumes": volumes}
     node_selector = dict(options.node_selector) | (dict(options.gpu_node_selector) if gpu else {})
     if node_selector:
         spec["nodeSelector"] = node_selector
@@ -307,6 +320,8 @@ def _pod_template(
         spec["tolerations"] = [t.model_dump(exclude_none=True) for t in options.gpu_tolerations]
     if options.service_account:
         spec["serviceAccountName"] = options.service_account
+    else:  # Ray needs no Kubernetes API: no token in the pods (the namespace's default account may hold rights)
+        spec["automountServiceAccountToken"] = False
     labels = _labels(job) | {"lorafleet.io/role": role}
     return {"metadata": {"labels": labels}, "spec": spec}
 

@@ -465,3 +465,50 @@ def test_kustomize_overlays_render_valid_objects(overlay):
         assert limits["nvidia.com/gpu"] == 1 and workers["replicas"] == 4
     else:
         assert "nvidia.com/gpu" not in limits and "tolerations" not in workers["template"]["spec"]
+
+
+GENERATED_MANIFESTS = ["k8s/base/raycluster.yaml", "k8s/overlays/cpu-dev/raycluster-cpu.yaml"]
+
+
+@pytest.mark.parametrize("manifest", GENERATED_MANIFESTS)
+def test_generated_k8s_manifests_are_what_render_prints(manifest: str) -> None:
+    """Each names, in its header, the `lorafleet render` command that writes it; running it gives the same objects."""
+    path = REPO / manifest
+    lines = path.read_text().splitlines()
+    command = next(line.removeprefix("#").strip() for line in lines if "lorafleet render" in line)
+    argv = shlex.split(command)
+    assert argv[:3] == ["lorafleet", "render", "raycluster"], command
+    result = run_cli(*argv[1:])
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout) == yaml.safe_load(path.read_text()), f"regenerate {manifest}: {command}"
+
+
+def test_ray_pods_run_as_non_root_without_the_submitters_account() -> None:
+    docs = _manifests(REPO / "k8s" / "base")
+    (cluster,) = [d for d in docs if d["kind"] == "RayCluster"]
+    groups = [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+    for group in groups:
+        spec = group["template"]["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 1000
+        assert "serviceAccountName" not in spec and spec["automountServiceAccountToken"] is False
+        (container,) = spec["containers"]
+        assert container["securityContext"] == {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    chart = yaml.safe_load((REPO / "helm" / "lorafleet-serving" / "values.yaml").read_text())
+    assert chart["podSecurityContext"] == groups[0]["template"]["spec"]["securityContext"]
+
+
+def test_versions_are_written_in_one_place() -> None:
+    """Ray and the lorafleet image: lorafleet.versions, and every file written by hand agrees with it."""
+    from lorafleet.versions import DEFAULT_IMAGE, LORAFLEET_VERSION, RAY_VERSION
+
+    assert f"ray=={RAY_VERSION}" in (REPO / "constraints.txt").read_text().splitlines()
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'version = "{LORAFLEET_VERSION}"' in pyproject
+    values = yaml.safe_load((REPO / "helm" / "lorafleet-serving" / "values.yaml").read_text())
+    assert f"{values['lorafleetImage']['repository']}:{values['lorafleetImage']['tag']}" == DEFAULT_IMAGE
+    assert f"docker build -t {DEFAULT_IMAGE} ." in (REPO / "Dockerfile").read_text()
+    cluster = yaml.safe_load((REPO / "k8s" / "base" / "raycluster.yaml").read_text())
+    assert cluster["spec"]["rayVersion"] == RAY_VERSION
+    images = {c["image"] for g in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+              for c in g["template"]["spec"]["containers"]}
+    assert images == {DEFAULT_IMAGE}

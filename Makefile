@@ -65,8 +65,11 @@ test: $(STAMP) tools browser ## run every test (slow end-to-end ones too)
 test-fast: $(STAMP) tools browser ## run the tests not marked slow
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
-lint: $(STAMP) ## ruff
+lint: $(STAMP) ## ruff, and the import-linter layer contract (pyproject.toml) on an installed copy
 	$(BIN)/ruff check .
+	rm -rf .cache/lint-site
+	$(PIP) install -q --no-deps --no-build-isolation --target .cache/lint-site .
+	cd .cache/lint-site && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
 clean: ## remove the venv and caches (converted models included)
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache

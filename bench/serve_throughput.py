@@ -126,10 +126,8 @@ def hot_load_ms(engine, adapter_dir, count, busy_prompt=None) -> list[float]:
     return asyncio.run(main())
 
 
-def main() -> None:
-    args = parse_args()
-    import torch
-
+def start_engine(args: argparse.Namespace):
+    """(engine, base folder, adapter folders): the CPU engine serving four random LoRA adapters."""
     from lorafleet.models import resolve_model
     from lorafleet.serving.config import ServingConfig
     from lorafleet.serving.engine import CPUEngine
@@ -155,6 +153,14 @@ def main() -> None:
     engine = CPUEngine(config)
     engine.start()
     engine.store.stack_lora = not args.peft_mixed
+    return engine, base_dir, adapter_dirs
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    engine, base_dir, adapter_dirs = start_engine(args)
     tokenizer = engine.tokenizer
     prompts = [
         tokenizer(f"Request {i}: describe item number {i} in a few words.").input_ids for i in range(args.requests)

@@ -166,13 +166,50 @@ def run_trl_subprocess(job_path: Path, out: Path, *, warmup: int) -> dict:
     return json.loads(out.read_text()) | {"wall_s": total}
 
 
+def counting_padding(collate, padded: dict[str, int]):
+    """`collate`, counting into `padded` how much of each batch is padding; the batch itself is unchanged."""
+
+    def collate_and_count(features):
+        batch = collate(features)
+        padded["slots"] += batch["attention_mask"].numel()
+        padded["tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    return collate_and_count
+
+
+def sft_config(job) -> object:
+    """TRL's SFTConfig at the job's settings (and lorafleet's precision and checkpointing, not TRL's defaults)."""
+    from trl import SFTConfig
+
+    training = job.training
+    return SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.micro_batch_size,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        max_length=job.data.max_seq_len,
+        bf16=False,  # TRL's default is bf16; lorafleet's job here is fp32
+        gradient_checkpointing=False,  # TRL's default is on; lorafleet's is off
+        logging_steps=training.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        seed=training.seed,
+        data_seed=training.seed,
+        use_cpu=True,
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+    )
+
+
 def trl_arm(job_path: Path, threads: int, warmup: int) -> dict:
     """Runs in its own process: SFTTrainer on lorafleet's token ids, timed like lorafleet's ProgressReporter."""
     import torch
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from lorafleet.config import JobConfig
     from lorafleet.models import resolve_model
@@ -203,35 +240,7 @@ def trl_arm(job_path: Path, threads: int, warmup: int) -> dict:
                 )
 
     padded = {"slots": 0, "tokens": 0}
-
-    def counting(collate):  # measures how much of each batch is padding; the batch itself is unchanged
-        def collate_and_count(features):
-            batch = collate(features)
-            padded["slots"] += batch["attention_mask"].numel()
-            padded["tokens"] += int(batch["attention_mask"].sum())
-            return batch
-
-        return collate_and_count
-
-    training = job.training
-    config = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench-trl-"),
-        max_steps=training.max_steps,
-        per_device_train_batch_size=training.micro_batch_size,
-        learning_rate=training.learning_rate,
-        lr_scheduler_type=training.lr_scheduler,
-        max_length=job.data.max_seq_len,
-        bf16=False,  # TRL's default is bf16; lorafleet's job here is fp32
-        gradient_checkpointing=False,  # TRL's default is on; lorafleet's is off
-        logging_steps=training.logging_steps,
-        save_strategy="no",
-        report_to="none",
-        seed=training.seed,
-        data_seed=training.seed,
-        use_cpu=True,
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-    )
+    config = sft_config(job)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     adapter = job.adapter
     peft_config = LoraConfig(
@@ -249,7 +258,7 @@ def trl_arm(job_path: Path, threads: int, warmup: int) -> dict:
         peft_config=peft_config,
         callbacks=[LogTimes()],
     )
-    trainer.data_collator = counting(trainer.data_collator)
+    trainer.data_collator = counting_padding(trainer.data_collator, padded)
     trainer.train()
     padding_share = 1 - padded["tokens"] / padded["slots"]
     return window(records, warmup) | {"final_loss": records[-1]["loss"], "padding_share": padding_share}

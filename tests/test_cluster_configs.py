@@ -71,7 +71,8 @@ def test_cluster_example_deepspeed_config_is_what_deepspeed_accepts(tmp_path: Pa
 
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_cluster_example_renders_a_rayjob_kuberay_accepts(name: str) -> None:
-    from lorafleet.kuberay import ClusterOptions, render_rayjob
+    from lorafleet.cluster_options import ClusterOptions
+    from lorafleet.kuberay import render_rayjob
     from tests.test_kuberay import all_errors
 
     job = load_job_config(CONFIGS / name)

@@ -23,11 +23,11 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from lorafleet.cluster_options import ClusterOptions
 from lorafleet.config import load_job_config
 from lorafleet.errors import ConfigError
 from lorafleet.kuberay import (
     SUBMISSION_MODES,
-    ClusterOptions,
     k8s_name,
     render_raycluster,
     render_rayjob,
@@ -244,7 +244,7 @@ def test_cpu_job_has_no_gpu_scheduling_and_every_pod_mounts_the_claim(tmp_path):
 
 
 def test_custom_ray_resources_and_toleration_flags(tmp_path):
-    from lorafleet.kuberay import Toleration
+    from lorafleet.cluster_options import Toleration
 
     job = job_from(tmp_path, LLAMA_8B_QLORA, ["distributed.resources_per_worker={CPU: 8, GPU: 1, a100: 1}"])
     (group,) = render_raycluster(job, ClusterOptions())["spec"]["workerGroupSpecs"]
@@ -353,7 +353,7 @@ def _config_in(entrypoint: str) -> dict[str, Any]:
     ],
 )
 def test_cluster_options_reject_what_kuberay_would_reject(options, message):
-    from lorafleet.kuberay import load_cluster_options
+    from lorafleet.cluster_options import load_cluster_options
 
     with pytest.raises(ConfigError, match=message):
         load_cluster_options(options)

@@ -24,10 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lorafleet.cluster_options import ClusterOptions
 from lorafleet.config import load_job_config
 from lorafleet.errors import LorafleetError
 from lorafleet.jobs import KubeRayJobs, RayJobs, read_runtime_env, stage_job
-from lorafleet.kuberay import ClusterOptions, render_rayjob
+from lorafleet.kuberay import render_rayjob
 from lorafleet.serving.server import free_port
 from tests.helpers import CONFIGS, run_cli
 

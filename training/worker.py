@@ -70,24 +70,13 @@ def build_hf_trainer(
 
     from lorafleet.training.adapters import apply_adapter
     from lorafleet.training.data import Collator, build_datasets
-    from lorafleet.training.early_stopping import EarlyStopping
-    from lorafleet.training.model import check_precision, load_base_model, load_tokenizer
+    from lorafleet.training.model import load_base_model, load_tokenizer
     from lorafleet.training.packed_attention import use_packed_attention
-    from lorafleet.training.reporting import MetricsLog, ProgressReporter
-    from lorafleet.training.sinks import check_sinks, sink_callbacks
-    from lorafleet.training.strategies import (
-        check_strategy,
-        join_deepspeed_to_process_group,
-        quantized_storage_dtype,
-        require_engine,
-    )
+    from lorafleet.training.strategies import quantized_storage_dtype, require_engine
     from lorafleet.training.trainer import FineTuneTrainer
 
     set_seed(job.training.seed)
-    check_precision(job.training.precision, device)
-    check_strategy(job, device.type)
-    check_sinks(job.training.logging)
-    join_deepspeed_to_process_group(job)
+    check_on_worker(job, device)
 
     tokenizer = load_tokenizer(job.model)
     data = build_datasets(job.data, tokenizer, seed=job.training.seed)
@@ -105,9 +94,6 @@ def build_hf_trainer(
     if rank == 0:
         model.print_trainable_parameters()
 
-    callbacks = [*callbacks, ProgressReporter(MetricsLog(run_dir), run_id), *sink_callbacks(job, run_dir, rank)]
-    if job.training.early_stopping is not None:
-        callbacks.append(EarlyStopping(job.training.early_stopping))
     trainer = FineTuneTrainer(
         model=model,
         args=args,
@@ -115,11 +101,35 @@ def build_hf_trainer(
         eval_dataset=data.eval,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *run_callbacks(job, run_id, run_dir, rank)],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressReporter prints one line per log event instead
     require_engine(trainer, job.distributed.strategy)
     return trainer, data
+
+
+def check_on_worker(job: JobConfig, device) -> None:
+    """What only the worker's own device can tell: precision, strategy, sinks; then join DeepSpeed's comm layer."""
+    from lorafleet.training.model import check_precision
+    from lorafleet.training.sinks import check_sinks
+    from lorafleet.training.strategies import check_strategy, join_deepspeed_to_process_group
+
+    check_precision(job.training.precision, device)
+    check_strategy(job, device.type)
+    check_sinks(job.training.logging)
+    join_deepspeed_to_process_group(job)
+
+
+def run_callbacks(job: JobConfig, run_id: str, run_dir: str, rank: int) -> list:
+    """Progress lines and metrics.jsonl, the configured sinks, and early stopping."""
+    from lorafleet.training.early_stopping import EarlyStopping
+    from lorafleet.training.reporting import MetricsLog, ProgressReporter
+    from lorafleet.training.sinks import sink_callbacks
+
+    callbacks = [ProgressReporter(MetricsLog(run_dir), run_id), *sink_callbacks(job, run_dir, rank)]
+    if job.training.early_stopping is not None:
+        callbacks.append(EarlyStopping(job.training.early_stopping))
+    return callbacks
 
 
 def training_arguments(

@@ -1,6 +1,6 @@
 """The KubeRay cluster flags, declared once: `render rayjob`, `render raycluster` and `submit --k8s` take them.
 
-Each flag names the `lorafleet.kuberay.ClusterOptions` field it sets and takes its help from that field's
+Each flag names the `lorafleet.cluster_options.ClusterOptions` field it sets and takes its help from that field's
 description. `@with_cluster_flags(...)` adds the flags to a command and hands it one `ClusterFlags` holding their
 values; `ClusterFlags.options(runtime_env)` builds the typed ClusterOptions: defaults < `--k8s-options FILE` < flags.
 """
@@ -58,7 +58,7 @@ K8S_OPTIONS_HELP = "YAML file of cluster options (flags win)."
 
 
 def _help(flag: Flag) -> str:
-    from lorafleet.kuberay import ClusterOptions
+    from lorafleet.cluster_options import ClusterOptions
 
     if flag.help:
         return flag.help
@@ -77,8 +77,9 @@ class ClusterFlags:
 
     def options(self, runtime_env: str | None = None):
         """The ClusterOptions these flags describe (defaults < --k8s-options file < flags)."""
+        from lorafleet.cluster_options import Toleration, load_cluster_options
         from lorafleet.jobs import read_runtime_env
-        from lorafleet.kuberay import Toleration, load_cluster_options, merge_runtime_env
+        from lorafleet.kuberay import merge_runtime_env
 
         values = _read_options_file(self.k8s_options)
         flags = dict(self.values)

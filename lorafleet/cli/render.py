@@ -5,7 +5,7 @@
     lorafleet render raycluster configs/my-job.yaml --namespace ml
 
 Cluster options (image, namespace, PVC, selectors, ...) come from flags, over `--k8s-options FILE.yaml`
-(a mapping of `lorafleet.kuberay.ClusterOptions` fields), over the defaults there; the flags are declared
+(a mapping of `lorafleet.cluster_options.ClusterOptions` fields), over the defaults there; the flags are declared
 once, in `lorafleet.cli.cluster_flags`.
 """
 

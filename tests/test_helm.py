@@ -426,21 +426,17 @@ def test_bad_value_fails_with_schema_message(helm, case, tmp_path):
             assert fragment in output, f"{fragment!r} not in helm {command[0]} output:\n{output}"
 
 
-def test_cross_field_problems_reported_all_at_once(helm, tmp_path):
+def test_template_rules_reported_all_at_once(helm, tmp_path):
+    """The rules JSON Schema cannot express (comparisons, unique names) are collected and reported together."""
     values = {
         "lora": {"maxLoras": 8, "maxCpuLoras": 4},
-        "apiKey": {"enabled": True},
-        "backend": "cpu",
-        "resources": {"limits": {"nvidia.com/gpu": 1}},
         "adapters": [{"name": "pricing", "version": "v1"}, {"name": "pricing", "version": "v2"}],
-        "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
+        "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2},
     }
     expected = [
         "lora.maxCpuLoras (4) must be >= lora.maxLoras (8)",
-        "apiKey.enabled is true but neither apiKey.existingSecret nor apiKey.value is set",
-        "backend is cpu but resources.limits.nvidia.com/gpu requests a GPU",
         'adapters: "pricing" is listed twice',
-        "podDisruptionBudget: set exactly one of minAvailable and maxUnavailable",
+        "autoscaling.minReplicas (5) is greater than autoscaling.maxReplicas (2)",
     ]
     out = run_helm(helm, "template", RELEASE, values=values, tmp_path=tmp_path)
     assert out.returncode != 0
@@ -452,23 +448,45 @@ def test_cross_field_problems_reported_all_at_once(helm, tmp_path):
     assert lint.returncode != 0 and expected[0] in lint.stdout + lint.stderr
 
 
-@pytest.mark.parametrize(
-    "values, message",
-    [
-        ({"vllm": {"gpus": 0}}, "backend is vllm but vllm.gpus is 0"),
-        ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, "resources.limits.nvidia.com/gpu: set vllm.gpus instead"),
-        ({"base": {"registry": {"name": "merged"}}}, "base.registry.name and base.registry.version go together"),
-        ({"base": {"model": ""}}, "no base model"),
-        (
-            {"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
-            "autoscaling.minReplicas (5) is greater",
-        ),
-        ({"backend": "cpu", "vllm": {"extraArgs": ["--enforce-eager"]}}, "vllm.extraArgs is set but backend is cpu"),
-    ],
-)
-def test_each_cross_field_rule(helm, values, message, tmp_path):
-    out = run_helm(helm, "template", RELEASE, values=values, tmp_path=tmp_path)
-    assert out.returncode != 0 and message in out.stderr, out.stderr
+# values, the schema paths helm names (cross-field rules expressed with if/then, anyOf, oneOf in values.schema.json)
+SCHEMA_RULES = {
+    "api-key-without-source": ({"apiKey": {"enabled": True}}, ["/apiKey", "existingSecret", "value"]),
+    "api-key-two-sources": ({"apiKey": {"existingSecret": "s", "value": "k"}}, ["/apiKey/value", "maxLength"]),
+    "gpu-in-resources": ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, ["/resources", "invalid propertyName 'nvidia.com/gpu'"]),
+    "cpu-backend-gpu": (
+        {"backend": "cpu", "resources": {"requests": {"nvidia.com/gpu": 1}}},
+        ["/resources", "invalid propertyName 'nvidia.com/gpu'"],
+    ),
+    "vllm-without-gpu": ({"vllm": {"gpus": 0}}, ["/vllm/gpus", "minimum"]),
+    "registry-name-alone": ({"base": {"registry": {"name": "merged"}}}, ["/base/registry", "version"]),
+    "registry-version-alone": ({"base": {"registry": {"version": "v2"}}}, ["/base/registry", "name"]),
+    "no-base-model": ({"base": {"model": ""}}, ["/base", "model"]),
+    "extra-args-on-cpu": ({"backend": "cpu", "vllm": {"extraArgs": ["--enforce-eager"]}}, ["/vllm/extraArgs"]),
+    "pdb-both": (
+        {"podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": 1}},
+        ["/podDisruptionBudget", "oneOf"],
+    ),
+    "pdb-neither": (
+        {"podDisruptionBudget": {"enabled": True, "minAvailable": "", "maxUnavailable": ""}},
+        ["/podDisruptionBudget", "oneOf"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEMA_RULES))
+def test_cross_field_rules_in_the_schema(helm, case, tmp_path):
+    values, fragments = SCHEMA_RULES[case]
+    for command in (["template", RELEASE], ["lint", "--strict"]):
+        out = run_helm(helm, *command, values=values, tmp_path=tmp_path)
+        output = out.stdout + out.stderr
+        assert out.returncode != 0 and "don't meet the specifications of the schema" in output, output
+        for fragment in fragments:
+            assert fragment in output, f"{fragment!r} not in helm {command[0]} output:\n{output}"
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    merged = yaml.safe_load((CHART / "values.yaml").read_text())
+    for key, value in values.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) else value
+    assert list(jsonschema.Draft7Validator(schema).iter_errors(merged)), "the schema itself must refuse it"
 
 
 # ---------------------------------------------------------------- helm test hook
@@ -656,3 +674,20 @@ def test_every_values_key_has_a_doc_comment():
             if j < 0 or not lines[j].lstrip().startswith("# --"):
                 missing.append(f"values.yaml:{i + 1}: {line.strip()}")
     assert not missing, "keys without a `# --` comment:\n" + "\n".join(missing)
+
+
+def test_chart_readme_values_table_is_generated_from_the_comments():
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "chart_readme.py"), str(CHART), "--check"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from chart_readme import documented_values, values_table
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    docs = {doc.path: doc for doc in documented_values((CHART / "values.yaml").read_text())}
+    assert docs["lora.maxLoraRank"].default == "`16`" and "one of 1, 8, 16" in docs["lora.maxLoraRank"].description
+    assert "| `sync.interval` |" in values_table((CHART / "values.yaml").read_text())
+    with pytest.raises(ValueError, match=r"values.yaml:3: `b: 1` has no `# --` comment"):
+        documented_values("# -- documented\na: 1\nb: 1\n")

@@ -130,44 +130,14 @@ The server's argv as a JSON list: command first, then args. For vllm it must equ
 {{- end }}
 
 {{/*
-Cross-field rules the schema cannot express. Every problem is collected, then `fail` reports them all at once.
+Cross-field rules JSON Schema cannot express (comparing two values, names unique within a list); every other
+rule is in values.schema.json. Every problem is collected, then `fail` reports them all at once.
 */}}
 {{- define "lorafleet-serving.validateValues" -}}
 {{- $v := .Values }}
 {{- $errors := list }}
 {{- if lt (int $v.lora.maxCpuLoras) (int $v.lora.maxLoras) }}
 {{- $errors = append $errors (printf "lora.maxCpuLoras (%v) must be >= lora.maxLoras (%v): vLLM keeps every GPU adapter in its CPU cache too" $v.lora.maxCpuLoras $v.lora.maxLoras) }}
-{{- end }}
-{{- if and $v.apiKey.enabled (not $v.apiKey.existingSecret) (not $v.apiKey.value) }}
-{{- $errors = append $errors "apiKey.enabled is true but neither apiKey.existingSecret nor apiKey.value is set: name an existing Secret (preferred) or give the key" }}
-{{- end }}
-{{- if and $v.apiKey.existingSecret $v.apiKey.value }}
-{{- $errors = append $errors "apiKey.existingSecret and apiKey.value are both set: keep one (the chart creates a Secret only from apiKey.value)" }}
-{{- end }}
-{{- $gpuKeys := list }}
-{{- range $section := list "requests" "limits" }}
-{{- range $key, $_ := (get ($v.resources | default dict) $section | default dict) }}
-{{- if contains "gpu" $key }}
-{{- $gpuKeys = append $gpuKeys (printf "resources.%s.%s" $section $key) }}
-{{- end }}
-{{- end }}
-{{- end }}
-{{- if and (eq $v.backend "cpu") $gpuKeys }}
-{{- $errors = append $errors (printf "backend is cpu but %s requests a GPU: remove it (the cpu engine never uses one)" (join ", " $gpuKeys)) }}
-{{- else if $gpuKeys }}
-{{- $errors = append $errors (printf "%s: set vllm.gpus instead (the chart adds the nvidia.com/gpu limit)" (join ", " $gpuKeys)) }}
-{{- end }}
-{{- if and (eq $v.backend "vllm") (lt (int $v.vllm.gpus) 1) }}
-{{- $errors = append $errors "backend is vllm but vllm.gpus is 0: vLLM needs a GPU; use backend: cpu to serve without one" }}
-{{- end }}
-{{- if and (eq $v.backend "cpu") $v.vllm.extraArgs }}
-{{- $errors = append $errors "vllm.extraArgs is set but backend is cpu: the flags would be ignored; remove them or use backend: vllm" }}
-{{- end }}
-{{- if ne (empty $v.base.registry.name) (empty $v.base.registry.version) }}
-{{- $errors = append $errors "base.registry.name and base.registry.version go together: set both (e.g. llama3-8b-merged, v2) or neither" }}
-{{- end }}
-{{- if and (not $v.base.model) (not $v.base.registry.name) }}
-{{- $errors = append $errors "no base model: set base.model (a hub id) or base.registry.name and base.registry.version" }}
 {{- end }}
 {{- $seen := dict }}
 {{- range $v.adapters }}
@@ -178,13 +148,6 @@ Cross-field rules the schema cannot express. Every problem is collected, then `f
 {{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- $errors = append $errors (printf "autoscaling.minReplicas (%v) is greater than autoscaling.maxReplicas (%v)" $v.autoscaling.minReplicas $v.autoscaling.maxReplicas) }}
-{{- end }}
-{{- with $v.podDisruptionBudget }}
-{{- $min := ternary "" (toString .minAvailable) (kindIs "invalid" .minAvailable) }}
-{{- $max := ternary "" (toString .maxUnavailable) (kindIs "invalid" .maxUnavailable) }}
-{{- if and .enabled (eq (empty $min) (empty $max)) }}
-{{- $errors = append $errors "podDisruptionBudget: set exactly one of minAvailable and maxUnavailable (the other to \"\")" }}
-{{- end }}
 {{- end }}
 {{- if $errors }}
 {{- fail (printf "\n\nlorafleet-serving: %d invalid value(s):\n  - %s\n" (len $errors) (join "\n  - " $errors)) }}

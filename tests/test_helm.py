@@ -452,7 +452,10 @@ def test_template_rules_reported_all_at_once(helm, tmp_path):
 SCHEMA_RULES = {
     "api-key-without-source": ({"apiKey": {"enabled": True}}, ["/apiKey", "existingSecret", "value"]),
     "api-key-two-sources": ({"apiKey": {"existingSecret": "s", "value": "k"}}, ["/apiKey/value", "maxLength"]),
-    "gpu-in-resources": ({"resources": {"limits": {"nvidia.com/gpu": 2}}}, ["/resources", "invalid propertyName 'nvidia.com/gpu'"]),
+    "gpu-in-resources": (
+        {"resources": {"limits": {"nvidia.com/gpu": 2}}},
+        ["/resources", "invalid propertyName 'nvidia.com/gpu'"],
+    ),
     "cpu-backend-gpu": (
         {"backend": "cpu", "resources": {"requests": {"nvidia.com/gpu": 1}}},
         ["/resources", "invalid propertyName 'nvidia.com/gpu'"],

@@ -8,23 +8,24 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, field_validator
+from pydantic import AfterValidator, Discriminator, Field, Tag, field_validator
 
 from lorafleet.schema import Section
 
 PROMPT_LEARNING_METHODS = ("prefix_tuning", "p_tuning", "prompt_tuning")
 DEFAULT_METHOD = "lora"
 
-TargetModules = Annotated[
-    Literal["all-linear"] | list[str],
-    Field(description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."),
-]
-
-
 def _non_empty_targets(value: str | list[str]) -> str | list[str]:
     if isinstance(value, list) and not value:
         raise ValueError("must name at least one module, or be `all-linear`")
     return value
+
+
+TargetModules = Annotated[
+    Literal["all-linear"] | list[str],
+    AfterValidator(_non_empty_targets),
+    Field(description="`all-linear` or a list of module names (e.g. [q_proj, v_proj])."),
+]
 
 
 class LoraSection(Section):
@@ -36,11 +37,6 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: TargetModules = "all-linear"
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (steadier at high rank).")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, value: str | list[str]) -> str | list[str]:
-        return _non_empty_targets(value)
 
 
 class DoraSection(LoraSection):
@@ -54,11 +50,6 @@ class Ia3Section(Section):
 
     method: Literal["ia3"] = Field("ia3", description="PEFT method.")
     target_modules: TargetModules = "all-linear"
-
-    @field_validator("target_modules")
-    @classmethod
-    def _targets(cls, value: str | list[str]) -> str | list[str]:
-        return _non_empty_targets(value)
 
 
 class PrefixTuningSection(Section):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -25,12 +25,12 @@ from lorafleet.adapter_config import (
     knobs_of,
 )
 from lorafleet.errors import ConfigError, Problem
+from lorafleet.names import NAME_RULE, is_valid_name
 from lorafleet.paths import default_storage_uri
 from lorafleet.schema import Section
 from lorafleet.yamlsource import UNKNOWN_KEY, YamlSource, apply_overrides, validation_message
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
-JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 class ModelSection(Section):
@@ -249,7 +249,7 @@ class EvalSection(Section):
 
 
 class JobConfig(Section):
-    name: Annotated[str, Field(pattern=JOB_NAME_PATTERN, description="Job name: runs are named after it.")]
+    name: str = Field(description="Job name: runs are named after it.")
     model: ModelSection
     adapter: AdapterSection = Field(default_factory=LoraSection, description="PEFT method and its knobs.")
     data: DataSection
@@ -257,6 +257,13 @@ class JobConfig(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, value: str) -> str:
+        if not is_valid_name(value):
+            raise ValueError(f"invalid job name {value!r}: use {NAME_RULE}")
+        return value
 
     @model_validator(mode="after")
     def _cross_section_rules(self) -> JobConfig:

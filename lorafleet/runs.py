@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
-from lorafleet.storage import StorageRoot, is_valid_run_id, local_path_of, write_text_atomic
+from lorafleet.names import is_valid_run_id
+from lorafleet.storage import StorageRoot, local_path_of, write_text_atomic
 
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "run.json"

@@ -9,21 +9,12 @@ atomic by themselves; folders there are committed by writing their marker file l
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 COMPLETE_MARKER = ".complete"
-RUN_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,127}$")
-
-
-def is_valid_run_id(run_id: str) -> bool:
-    """Run ids name folders on shared storage: lowercase letters, digits, '.', '_', '-' (no traversal)."""
-    return bool(RUN_ID_PATTERN.match(run_id))
-
-
 def is_local_uri(uri: str) -> bool:
     """A filesystem path (plain or file://), as opposed to an object store (s3://, gs://, ...)."""
     return "://" not in uri or uri.startswith("file://")

@@ -14,30 +14,26 @@ either engine: `max_lora_rank` takes vLLM's choices, `max_cpu_loras >= max_loras
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lorafleet.errors import ConfigError, LorafleetError, Problem
+from lorafleet.names import NAME_RULE, is_valid_name
 from lorafleet.paths import default_storage_uri
 from lorafleet.registry.contract import VLLM_LORA_RANKS  # vLLM 0.33 LoRAConfig.max_lora_rank choices
 from lorafleet.storage import local_path_of
 from lorafleet.yamlsource import validation_problems
 
-ADAPTER_NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 # The CPU engine keeps every loaded adapter in memory; without max_cpu_loras it holds at most this many.
 DEFAULT_CPU_ADAPTER_LIMIT = 64
 
 
 def check_adapter_name(name: str) -> str:
     """Adapter names become model ids (and folder names in the registry): no paths, no uppercase."""
-    if not isinstance(name, str) or not ADAPTER_NAME_PATTERN.match(name) or ".." in name:
-        raise ValueError(
-            f"invalid adapter name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', starting with a "
-            "letter or digit (no '/', no '..')"
-        )
+    if not is_valid_name(name):
+        raise ValueError(f"invalid adapter name {name!r}: use {NAME_RULE}")
     return name
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Literal, NamedTuple
 
 from lorafleet.errors import LorafleetError
+from lorafleet.names import NAME_RULE, is_valid_name
 from lorafleet.paths import default_storage_uri
 from lorafleet.storage import StorageRoot
 
 Kind = Literal["adapters", "models"]
 KINDS: tuple[Kind, ...] = ("adapters", "models")
 LATEST = "latest"
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 VERSION_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 RETIRED_DIR = ".retired"
@@ -48,22 +48,19 @@ class NotFound(RegistryError):
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise InvalidReference(
-            f"invalid registry name {name!r}: use 1-63 characters of lowercase letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (no '/', no uppercase)"
-        )
+    if not is_valid_name(name):
+        raise InvalidReference(f"invalid registry name {name!r}: use {NAME_RULE}")
     return name
 
 
 def validate_version(version: str) -> str:
-    if not VERSION_PATTERN.match(version):
+    if not VERSION_PATTERN.fullmatch(version):
         raise InvalidReference(f"invalid version {version!r}: versions are v1, v2, ...")
     return version
 
 
 def validate_alias(alias: str) -> str:
-    if not ALIAS_PATTERN.match(alias) or re.match(r"^v[0-9]+$", alias):
+    if not ALIAS_PATTERN.fullmatch(alias) or re.fullmatch(r"v[0-9]+", alias):
         raise InvalidReference(
             f"invalid alias {alias!r}: use 1-32 lowercase letters, digits, '_' or '-', starting with a letter, "
             "and not shaped like a version (v3)"
@@ -72,7 +69,7 @@ def validate_alias(alias: str) -> str:
 
 
 def version_number(version: str) -> int:
-    match = VERSION_PATTERN.match(version)
+    match = VERSION_PATTERN.fullmatch(version)
     if not match:
         raise InvalidReference(f"invalid version {version!r}: versions are v1, v2, ...")
     return int(match.group(1))
@@ -86,7 +83,7 @@ class Reference(NamedTuple):
 
     @property
     def is_version(self) -> bool:
-        return bool(VERSION_PATTERN.match(self.selector))
+        return bool(VERSION_PATTERN.fullmatch(self.selector))
 
     def __str__(self) -> str:
         return f"{self.name}@{self.selector}"
@@ -102,9 +99,9 @@ def parse_reference(text: str | Reference, *, default: str = LATEST) -> Referenc
     validate_name(name)
     if not sep:
         return Reference(name, default)
-    if VERSION_PATTERN.match(selector):
+    if VERSION_PATTERN.fullmatch(selector):
         return Reference(name, selector)
-    if ALIAS_PATTERN.match(selector) and not re.match(r"^v[0-9]+$", selector):
+    if ALIAS_PATTERN.fullmatch(selector) and not re.fullmatch(r"v[0-9]+", selector):
         return Reference(name, selector)
     raise InvalidReference(f"invalid reference {text!r}: after '@' put a version (v3) or an alias (prod, latest)")
 
@@ -142,21 +139,21 @@ class Registry:
         folder = self.kind_dir(kind)
         if not folder.is_dir():
             return []
-        return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and NAME_PATTERN.match(entry.name))
+        return sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and is_valid_name(entry.name))
 
     def versions(self, name: str, kind: Kind = "adapters") -> list[str]:
         """Visible versions, oldest first. Staging, retired and other hidden folders never count."""
         folder = self.name_dir(name, kind)
         if not folder.is_dir():
             return []
-        found = [entry.name for entry in folder.iterdir() if VERSION_PATTERN.match(entry.name) and entry.is_dir()]
+        found = [entry.name for entry in folder.iterdir() if VERSION_PATTERN.fullmatch(entry.name) and entry.is_dir()]
         return sorted(found, key=version_number)
 
     def retired_versions(self, name: str, kind: Kind = "adapters") -> list[str]:
         folder = self.name_dir(name, kind) / RETIRED_DIR
         if not folder.is_dir():
             return []
-        return sorted((e.name for e in folder.iterdir() if VERSION_PATTERN.match(e.name)), key=version_number)
+        return sorted((e.name for e in folder.iterdir() if VERSION_PATTERN.fullmatch(e.name)), key=version_number)
 
     def latest(self, name: str, kind: Kind = "adapters") -> str | None:
         versions = self.versions(name, kind)

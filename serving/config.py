@@ -100,6 +100,16 @@ class ServingConfig(BaseModel):
         default_factory=list, description="Extra vLLM flags appended verbatim after the rendered ones."
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(
+                "an empty API key would turn authentication off: give a key, or leave --api-key (and "
+                "LORAFLEET_API_KEY) out to serve without one"
+            )
+        return value
+
     @field_validator("adapters")
     @classmethod
     def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:

@@ -18,7 +18,30 @@ MAX_STOP_SEQUENCES = 16
 
 
 class Strict(BaseModel):
+    """A request shape: unknown fields and text that is not valid Unicode (a lone surrogate) are 400s."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        _check_unicode(value)
+        return value
+
+
+def _check_unicode(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"text is not valid Unicode: {exc.reason} at character {exc.start}") from None
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _check_unicode(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key)
+            _check_unicode(item)
 
 
 class Unsupported(ValueError):

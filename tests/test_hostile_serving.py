@@ -17,3 +17,38 @@ def test_an_empty_api_key_is_refused_not_treated_as_no_auth(how: str) -> None:
     assert result.returncode == 2, (result.stdout, result.stderr[-2000:])
     assert "api_key" in result.stderr and "empty API key would turn authentication off" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.server import ServerThread
+    from tests.helpers import tiny_serving_config, two_adapters
+
+    root = two_adapters(tiny_model_dir, tmp_path_factory.mktemp("hostile-adapters"))
+    with ServerThread(create_app(tiny_serving_config(tiny_model_dir, root, max_tokens=8))) as running:
+        yield running
+
+
+LONE_SURROGATES = [
+    ("/v1/completions", rb'{"model": "tiny", "prompt": "\udc00", "max_tokens": 2}', "prompt"),
+    ("/v1/completions", rb'{"model": "a", "prompt": "ok", "stop": ["\ud800"], "max_tokens": 2}', "stop"),
+    (
+        "/v1/chat/completions",
+        rb'{"model": "b", "messages": [{"role": "user", "content": "hi \udfff"}], "max_tokens": 2}',
+        "messages",
+    ),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), LONE_SURROGATES, ids=[case[2] for case in LONE_SURROGATES])
+def test_a_lone_surrogate_is_a_400_and_the_connection_stays_usable(server, path: str, body: bytes, param: str):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        refused = client.post(path, content=body, headers={"Content-Type": "application/json"})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert error["param"] == param and "not valid Unicode" in error["message"], error
+        fine = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
+        assert fine.status_code == 200, fine.text

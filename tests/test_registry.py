@@ -148,6 +148,21 @@ def test_bad_names_refused_by_the_cli_with_exit_2(storage, adapters):
 # -- publish, list, show, load -------------------------------------------------------------------------------
 
 
+def test_one_corrupt_aliases_file_does_not_hide_the_other_names(storage, adapters):
+    for name in ("healthy", "broken"):
+        publish_adapter(storage, name, adapters["a"])
+    aliases = Path(storage) / "adapters" / "broken" / "aliases.json"
+    aliases.write_text('{"aliases": {"prod": ')  # torn by hand
+    listed = run_cli("registry", "list", "--storage", storage)
+    assert listed.returncode == 1, listed.stderr
+    assert "adapters/healthy\tv1\tlatest=v1" in listed.stdout
+    assert "adapters/broken\tv1\t(aliases unreadable)" in listed.stdout
+    assert f"error: adapters/broken: {aliases} is corrupt" in listed.stderr and "Traceback" not in listed.stderr
+    as_json = json.loads(run_cli("registry", "list", "--json", "--storage", storage).stdout)
+    assert [(e["name"], "error" in e) for e in as_json] == [("broken", True), ("healthy", False)]
+
+
+
 def test_publish_list_show_and_plain_peft_load(storage, adapters, tiny_model_dir):
     first = run_cli(
         "publish",

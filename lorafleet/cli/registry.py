@@ -155,14 +155,20 @@ def list_command(
     from lorafleet.registry import list_entries
 
     entries = list_entries(_storage(storage), name)
+    broken = [entry for entry in entries if entry.error]
     if as_json:
         typer.echo(json.dumps([entry.as_dict() for entry in entries], indent=2))
-        return
-    if not entries:
-        typer.echo("(nothing published)")
-    for entry in entries:
-        aliases = " ".join(f"{alias}={version}" for alias, version in entry.aliases.items())
-        typer.echo(f"{entry.kind}/{entry.name}\t{' '.join(entry.versions)}\t{aliases}")
+    else:
+        if not entries:
+            typer.echo("(nothing published)")
+        for entry in entries:
+            aliases = " ".join(f"{alias}={version}" for alias, version in entry.aliases.items())
+            aliases = "(aliases unreadable)" if entry.error else aliases
+            typer.echo(f"{entry.kind}/{entry.name}\t{' '.join(entry.versions)}\t{aliases}")
+    for entry in broken:
+        typer.echo(f"error: {entry.kind}/{entry.name}: {entry.error}", err=True)
+    if broken:
+        raise typer.Exit(1)
 
 
 @app.command("show")

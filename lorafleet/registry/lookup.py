@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lorafleet.registry.aliases import read_aliases
-from lorafleet.registry.layout import KINDS, LATEST, Kind, NotFound, Reference, Registry, parse_reference
+from lorafleet.registry.layout import KINDS, LATEST, Kind, NotFound, Reference, Registry, RegistryError, parse_reference
 from lorafleet.registry.manifest import Manifest, read_manifest
 
 
@@ -71,9 +71,11 @@ class EntrySummary:
     name: str
     versions: list[str]
     aliases: dict[str, str]
+    error: str | None = None  # why its aliases could not be read (the others are listed all the same)
 
     def as_dict(self) -> dict[str, object]:
-        return {"kind": self.kind, "name": self.name, "versions": self.versions, "aliases": self.aliases}
+        fields: dict[str, object] = {"kind": self.kind, "name": self.name, "versions": self.versions}
+        return fields | {"aliases": self.aliases} | ({"error": self.error} if self.error else {})
 
 
 def list_entries(
@@ -88,6 +90,9 @@ def list_entries(
             names = [n for n in names if n == parse_reference(name).name]
         for entry in names:
             versions = registry.versions(entry, each_kind)
-            aliases = read_aliases(registry, entry, each_kind).aliases
-            entries.append(EntrySummary(each_kind, entry, versions, dict(sorted(aliases.items()))))
+            try:
+                aliases, error = read_aliases(registry, entry, each_kind).aliases, None
+            except RegistryError as exc:  # one broken name never hides the healthy ones
+                aliases, error = {}, str(exc)
+            entries.append(EntrySummary(each_kind, entry, versions, dict(sorted(aliases.items())), error))
     return entries

@@ -27,7 +27,14 @@ class YamlSource:
     def read(cls, path: Path) -> YamlSource:
         if not path.is_file():
             raise ConfigError(str(path), [Problem(str(path), "config file not found")])
-        return cls.parse(path.read_text(encoding="utf-8"), name=str(path), base_dir=path.resolve().parent)
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw.count(b"\n", 0, exc.start) + 1
+            problem = Problem(f"{path}:{line}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}): save it as UTF-8")
+            raise ConfigError(str(path), [problem]) from None
+        return cls.parse(text, name=str(path), base_dir=path.resolve().parent)
 
     @classmethod
     def parse(cls, text: str, name: str, base_dir: Path) -> YamlSource:
@@ -42,6 +49,9 @@ class YamlSource:
             raise ConfigError(name, [Problem(name, f"invalid YAML: {exc}")]) from None
         lines: dict[tuple[str, ...], int] = {}
         if node is not None:
+            problems = check_node_graph(node, name)
+            if problems:
+                raise ConfigError(name, problems)
             _collect_lines(node, (), lines)
         return cls(name=name, base_dir=base_dir, data={} if data is None else data, lines=lines)
 
@@ -52,6 +62,68 @@ class YamlSource:
             path = path[:-1]
         line = self.lines.get(path)
         return f"{self.name}:{line}" if line else self.name
+
+
+MAX_EXPANDED_NODES = 100_000  # a config is hundreds of nodes; aliases must not multiply that into millions
+
+
+def check_node_graph(root: yaml.Node, name: str) -> list[Problem]:
+    """Duplicate keys (both lines named), recursive aliases, and alias expansion beyond MAX_EXPANDED_NODES.
+
+    Runs on the composed node graph, before anything is constructed, so a YAML "billion laughs" costs nothing.
+    """
+    problems: list[Problem] = []
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in on_path:
+            raise _Recursive(node)
+        if key in sizes:
+            return sizes[key]
+        on_path.add(key)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            _duplicate_keys(node, name, problems)
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        for child in children:
+            total += size(child)
+            if total > MAX_EXPANDED_NODES:
+                break
+        on_path.discard(key)
+        sizes[key] = total
+        return total
+
+    try:
+        if size(root) > MAX_EXPANDED_NODES:
+            problems.append(
+                Problem(name, f"aliases expand this document past {MAX_EXPANDED_NODES:,} nodes: not a config file")
+            )
+    except _Recursive as exc:
+        problems.append(Problem(f"{name}:{exc.node.start_mark.line + 1}", "a recursive alias (it contains itself)"))
+    return problems
+
+
+class _Recursive(Exception):
+    def __init__(self, node: yaml.Node):
+        self.node = node
+
+
+def _duplicate_keys(node: yaml.MappingNode, name: str, problems: list[Problem]) -> None:
+    seen: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        line = key_node.start_mark.line + 1
+        if key_node.value in seen:
+            problems.append(
+                Problem(f"{name}:{line}", f"duplicate key {key_node.value!r} (first at line {seen[key_node.value]})")
+            )
+        else:
+            seen[key_node.value] = line
 
 
 def _collect_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:

@@ -1,0 +1,54 @@
+"""Hostile or broken config files: a clear error naming file:line (exit 2), never a traceback, and bounded cost."""
+
+from __future__ import annotations
+
+import resource
+import time
+from pathlib import Path
+
+import pytest
+
+from lorafleet.config import load_job_config
+from lorafleet.errors import ConfigError
+from tests.helpers import CONFIGS, run_cli
+
+TINY = (CONFIGS / "tiny.yaml").read_bytes()
+BOMB = b"".join(
+    [b'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n']
+    + [f"{x}: &{x} [{','.join(['*' + p] * 9)}]\n".encode() for p, x in zip("abcdef", "bcdefg", strict=True)]
+)
+
+# file bytes, the text expected in the error (after "job.yaml")
+CASES = {
+    "latin-1 byte": (TINY.replace(b"name: tiny", b"name: tiny # caf\xe9"), ":3: not UTF-8 text (byte 0xe9)"),
+    "duplicate key": (TINY + b"name: other\n", "duplicate key 'name' (first at line"),
+    "duplicate nested key": (
+        TINY.replace(b"training:\n", b"training:\n  max_steps: 1\n  max_steps: 2\n", 1),
+        "duplicate key 'max_steps' (first at line",
+    ),
+    "recursive alias": (b"name: &n [*n]\n", ":1: a recursive alias"),
+    "alias bomb": (BOMB, "aliases expand this document past 100,000 nodes"),
+    "not yaml": (b"name: [unclosed\n", "invalid YAML"),
+    "top level list": (b"- a\n- b\n", "the top level must be a mapping"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hostile_config_file_is_refused_with_its_location(tmp_path: Path, case: str) -> None:
+    content, expected = CASES[case]
+    path = tmp_path / "job.yaml"
+    path.write_bytes(content)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        load_job_config(path)
+    assert time.monotonic() - started < 5 and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000
+    assert expected in str(caught.value) and str(path) in str(caught.value), str(caught.value)
+
+
+def test_the_cli_prints_the_same_error_and_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(BOMB)
+    result = run_cli("validate", str(path), timeout=60)
+    assert result.returncode == 2 and "aliases expand this document" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

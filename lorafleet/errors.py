@@ -33,6 +33,9 @@ class ConfigError(LorafleetError):
         lines = [f"{source}: {len(problems)} problem(s)"] + [f"  - {p}" for p in problems]
         super().__init__("\n".join(lines))
 
+    def __reduce__(self):  # crosses process boundaries (Ray workers → driver) with its problems intact
+        return (self.__class__, (self.source, self.problems))
+
 
 class DataError(LorafleetError):
     """Rows of a dataset are invalid; carries every bad row (file:line and field)."""
@@ -46,4 +49,8 @@ class DataError(LorafleetError):
         lines = [f"{source}: {count} bad row(s)"] + [f"  - {p}" for p in problems]
         if count > len(problems):
             lines.append(f"  ... and {count - len(problems)} more")
+        self.total_bad = count
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):  # crosses process boundaries (Ray workers → driver) with its problems intact
+        return (self.__class__, (self.source, self.problems, self.total_bad))

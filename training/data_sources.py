@@ -64,15 +64,22 @@ def read_file(path: Path, *, max_rows: int | None = None) -> list[Row]:
         raise DataSourceError(f"data file not found: {source}")
     if path.suffix == ".parquet":
         return _read_parquet(path, max_rows)
+    raw = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
+        text = raw.decode("utf-8-sig")  # -sig: drop a byte-order mark
     except UnicodeDecodeError as exc:
-        raise DataSourceError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        problem = Problem(f"{source}:{line}", f"not UTF-8 text (byte 0x{raw[exc.start]:02x}): save the file as UTF-8")
+        raise DataError(source, [problem]) from None
     if path.suffix == ".csv":
-        return _read_csv(source, text, max_rows)
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        return _read_json_array(source, text, max_rows)
-    return _read_json_lines(source, text, max_rows)
+        rows = _read_csv(source, text, max_rows)
+    elif path.suffix == ".json" and text.lstrip().startswith("["):
+        rows = _read_json_array(source, text, max_rows)
+    else:
+        rows = _read_json_lines(source, text, max_rows)
+    if not rows:
+        raise DataError(source, [Problem(source, "the file has no rows: nothing to train or evaluate on")])
+    return rows
 
 
 def _read_json_lines(source: str, text: str, max_rows: int | None) -> list[Row]:

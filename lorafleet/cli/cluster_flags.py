@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 
 from lorafleet.errors import ConfigError, Problem
 
@@ -143,9 +142,11 @@ def with_cluster_flags(*, rayjob: bool) -> Callable:
 def _read_options_file(path: Path | None) -> dict[str, Any]:
     if path is None:
         return {}
+    from lorafleet.yamlsource import YamlSource
+
     if not path.is_file():
         raise ConfigError(str(path), [Problem(str(path), "file not found")])
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    values = YamlSource.read(path).data
     if not isinstance(values, dict):
         raise ConfigError(str(path), [Problem(str(path), "expected a mapping of cluster options")])
     return values

@@ -84,6 +84,10 @@ def inspect_adapter(name: str, path: str | Path, config: ServingConfig) -> Adapt
     folder = inside_roots(path, config.effective_adapter_roots())
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist", param="lora_path", status=404)
+    for entry in folder.iterdir():  # every file read must be inside the folder, not a link to anywhere else
+        real = entry.resolve()
+        if entry.is_symlink() and not real.is_relative_to(folder):
+            raise AdapterError(f"{entry} is a link to {real}, outside the adapter folder: refused", param="lora_path")
     try:
         adapter_config = json.loads((folder / "adapter_config.json").read_text())
     except FileNotFoundError:

@@ -15,6 +15,15 @@ from tests.helpers import run_cli
 INPUT_IDS = torch.tensor([[1, 40, 77, 90, 120, 33, 200, 7, 64, 5], [3, 9, 27, 81, 243, 100, 50, 25, 12, 6]])
 
 
+METHOD_KNOBS = {  # each adapter section takes only its own method's knobs
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "dora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    "prefix_tuning": {"num_virtual_tokens": 4},
+    "p_tuning": {"num_virtual_tokens": 4},
+    "prompt_tuning": {"num_virtual_tokens": 4},
+}
+
+
 def make_run(storage: Path, method: str, *, quantization: str = "none") -> Path:
     """A run folder as the launcher leaves it, with a randomly initialised (so non-identity) adapter."""
     from peft import get_peft_model
@@ -28,7 +37,7 @@ def make_run(storage: Path, method: str, *, quantization: str = "none") -> Path:
         {
             "name": f"merge-{method.replace('_', '-')}",
             "model": {"name_or_path": "builtin:tiny-llama", "quantization": quantization},
-            "adapter": {"method": method, "r": 4, "alpha": 8, "dropout": 0.0, "num_virtual_tokens": 4},
+            "adapter": {"method": method, **METHOD_KNOBS.get(method, {})},
             "data": {"train": "builtin:price"},
             "distributed": {"num_workers": 1, "use_gpu": quantization != "none"},
             "storage": {"uri": str(storage)},

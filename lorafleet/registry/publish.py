@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.registry.aliases import editing_aliases, refresh_latest
+from lorafleet.registry.checks import check_safetensors, read_adapter_config
 from lorafleet.registry.contract import ContractViolation, ServingProfile, check_adapter_against_profile
 from lorafleet.registry.layout import (
     LATEST,
@@ -127,11 +128,16 @@ def publish_adapter(
     missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (adapter_dir / f).is_file()]
     if missing:
         raise RegistryError(f"{adapter_dir} is not a PEFT adapter folder with safetensors weights: missing {missing}")
+    present = [n for n in TOKENIZER_FILES if (adapter_dir / n).is_file() or (adapter_dir / n).is_symlink()]
+    names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, *present]
+    files = [(n, adapter_dir / n) for n in names]
+    _refuse_links(adapter_dir, files)  # before anything is read: a link's target is never opened
+    config = read_adapter_config(adapter_dir)
+    check_safetensors(adapter_dir / ADAPTER_WEIGHTS)
     if profile is not None:
         reasons = check_adapter_against_profile(adapter_dir, profile)
         if reasons:
             raise ContractViolation(f"adapter {adapter_dir}", profile_source, reasons)
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     run = RunInfo.read(run_dir) if run_dir else RunInfo()
     facts = adapter_facts(config)
     base_folder = local_base_folder(facts["base_model"])
@@ -152,8 +158,6 @@ def publish_adapter(
         fields["metrics"] = {**fields["metrics"], **metrics}
     if composition:
         fields["history"] = fields.get("history", []) + [{"event": "composed", "parents": list(parents), **composition}]
-    names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, *(n for n in TOKENIZER_FILES if (adapter_dir / n).is_file())]
-    files = [(n, adapter_dir / n) for n in names]
     return _publish_files(registry, "adapters", name, files, fields, source=adapter_dir)
 
 
@@ -179,8 +183,12 @@ def publish_merged(
     files = [
         (p.relative_to(model_dir).as_posix(), p)
         for p in sorted(model_dir.rglob("*"))
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
+        if (p.is_file() or p.is_symlink()) and not any(part.startswith(".") for part in p.relative_to(model_dir).parts)
     ]
+    _refuse_links(model_dir, files)
+    for relative, path in files:
+        if relative.endswith(".safetensors"):
+            check_safetensors(path)
     return _publish_files(registry, "models", name, files, fields, source=model_dir)
 
 
@@ -222,6 +230,7 @@ def _publish_files(
     name_dir = registry.name_dir(name, kind)
     name_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(name_dir)
+    _refuse_links(source, files)
     staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=name_dir))
     os.chmod(staging, VERSION_DIR_MODE)  # mkdtemp makes it owner-only; serving may run as another user
     try:
@@ -242,6 +251,19 @@ def _publish_files(
     refresh_latest(registry, name, kind)
     path = name_dir / version.version
     return AdapterVersion(name=name, version=version.version, kind=kind, path=path, manifest=version)
+
+
+def _refuse_links(source: Path, files: list[tuple[str, Path]]) -> None:
+    """Nothing that is a link, or lies outside the source folder, is copied into the registry (never a target)."""
+    if source.is_symlink():
+        raise RegistryError(f"{source} is a symbolic link (to {source.resolve()}): publish the folder itself")
+    root = source.resolve()
+    for _, path in files:
+        if path.is_symlink() or not path.resolve().is_relative_to(root):
+            raise RegistryError(
+                f"{path} is a symbolic link (to {path.resolve()}): the registry copies only regular files of "
+                f"{source}; replace the link with the file itself"
+            )
 
 
 def _claim_version(registry: Registry, kind: Kind, name: str, staging: Path, fields: dict[str, Any]) -> Manifest:

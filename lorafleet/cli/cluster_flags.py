@@ -144,9 +144,7 @@ def _read_options_file(path: Path | None) -> dict[str, Any]:
         return {}
     from lorafleet.yamlsource import YamlSource
 
-    if not path.is_file():
-        raise ConfigError(str(path), [Problem(str(path), "file not found")])
-    values = YamlSource.read(path).data
+    values = YamlSource.read(path).data  # its own errors: file not found, invalid YAML, alias bombs
     if not isinstance(values, dict):
         raise ConfigError(str(path), [Problem(str(path), "expected a mapping of cluster options")])
     return values

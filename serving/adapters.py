@@ -3,7 +3,8 @@
 Checks, in order, each refusing with a message that says what to do:
 1. the name: `[a-z0-9][a-z0-9._-]{0,62}`, no '..' (names are model ids), not the base model's id;
 2. the folder: its real path (symlinks followed) lies inside one of the allowed roots (no traversal);
-3. the contract with the served base (`lorafleet.registry.check_adapter_against_profile`, the same rules the
+3. a registry version (it has a manifest.json) still matches its manifest, file by file (hashes cached);
+4. the contract with the served base (`lorafleet.registry.check_adapter_against_profile`, the same rules the
    registry applies at publish time): `base_model_name_or_path` names the served base (the reference string, or
    the same resolved folder), rank <= max_lora_rank, the method is one the CPU engine serves.
 
@@ -78,12 +79,18 @@ def inside_roots(path: str | Path, roots: list[Path]) -> Path:
 
 def inspect_adapter(name: str, path: str | Path, config: ServingConfig) -> AdapterSpec:
     """Run every check on `name` + `path` and say what kind of adapter it is."""
-    from lorafleet.registry import ServingProfile, check_adapter_against_profile
+    from lorafleet.registry import RegistryError, ServingProfile, check_adapter_against_profile, require_intact
+    from lorafleet.registry.manifest import MANIFEST
 
     validate_name(name, config)
     folder = inside_roots(path, config.effective_adapter_roots())
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist", param="lora_path", status=404)
+    if (folder / MANIFEST).is_file():  # a registry version: used only while it matches its manifest
+        try:
+            require_intact(folder)
+        except RegistryError as exc:
+            raise AdapterError(str(exc), param="lora_path", status=409) from None
     for entry in folder.iterdir():  # every file read must be inside the folder, not a link to anywhere else
         real = entry.resolve()
         if entry.is_symlink() and not real.is_relative_to(folder):

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
+from lorafleet.errors import ConfigError
 from lorafleet.serving.adapters import AdapterError, inspect_adapter
 from lorafleet.serving.config import ServingConfig
 from tests.helpers import run_cli
@@ -121,3 +123,87 @@ def test_serving_refuses_a_weight_file_linked_outside_the_folder(good_adapter, t
     config = ServingConfig(base=tiny_model_dir, adapter_roots=[str(root)])
     with pytest.raises(AdapterError, match=r"adapter_model.safetensors is a link to .*outside the adapter folder"):
         inspect_adapter("a", folder, config)
+
+
+def _flip_a_weight_byte(version: Path) -> str:
+    weights = version / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return "adapter_model.safetensors: sha256 does not match the manifest"
+
+
+def _truncate_published_weights(version: Path) -> str:
+    weights = version / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    return "adapter_model.safetensors: size"
+
+
+def _delete_config(version: Path) -> str:
+    (version / "adapter_config.json").unlink()
+    return "adapter_config.json: missing"
+
+
+def _add_a_file(version: Path) -> str:
+    (version / "extra.py").write_text("print('hi')\n")
+    return "extra.py: not listed in the manifest"
+
+
+def _swap_weights_for_a_link(version: Path) -> str:
+    weights = version / "adapter_model.safetensors"
+    outside = version.parent.parent.parent / "elsewhere.safetensors"
+    shutil.move(weights, outside)
+    os.symlink(outside, weights)
+    return "adapter_model.safetensors: is a link"
+
+
+TAMPERED = {
+    "flipped weight byte": _flip_a_weight_byte,
+    "truncated weights": _truncate_published_weights,
+    "deleted adapter config": _delete_config,
+    "added file": _add_a_file,
+    "weights swapped for a link": _swap_weights_for_a_link,
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_version_is_refused_by_promote_serve_load_and_sync(good_adapter, tiny_model_dir, tmp_path, case):
+    from lorafleet.registry import TamperedVersion, promote, publish_adapter, resolve
+    from lorafleet.serving.config import with_registry_adapters
+    from lorafleet.serving.sync import SyncConfig, read_desired
+
+    storage = tmp_path / "storage"
+    version = publish_adapter(storage, "pricing", good_adapter).path
+    expected = TAMPERED[case](version)
+    with pytest.raises(TamperedVersion, match=expected):
+        promote(storage, "pricing", "v1")
+    with pytest.raises(TamperedVersion, match=expected):
+        resolve(storage, "pricing@v1")
+    served = ServingConfig(base=tiny_model_dir, storage=str(storage), registry_adapters=["pricing@v1"])
+    with pytest.raises(ConfigError, match=expected):
+        with_registry_adapters(served)
+    loading = ServingConfig(base=tiny_model_dir, adapter_roots=[str(storage)])
+    with pytest.raises(AdapterError, match=expected) as refused:
+        inspect_adapter("pricing", version, loading)
+    assert refused.value.status == 409
+    desired = read_desired(SyncConfig(storage=str(storage), targets=["http://127.0.0.1:9"], adapters=["pricing"]))
+    assert "pricing" not in desired.adapters and any(re.search(expected, e) for e in desired.errors), desired.errors
+    result = run_cli("promote", "pricing", "v1", "--storage", str(storage), timeout=120)
+    assert result.returncode == 1 and re.search(expected, result.stderr) and "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_intact_version_is_hashed_once_then_again_only_after_it_changes(good_adapter, tmp_path, monkeypatch):
+    from lorafleet.registry import manifest, publish_adapter, require_intact, verify
+
+    version = publish_adapter(tmp_path / "storage", "cached", good_adapter).path
+    hashed: list[str] = []
+    real_sha256 = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    for _ in range(3):
+        require_intact(version, "cached", "v1")
+    assert sorted(hashed) == sorted(p.name for p in version.iterdir() if p.name != "manifest.json")
+    hashed.clear()
+    os.utime(version / "adapter_config.json")  # touched, same bytes: hashed again, still intact
+    require_intact(version, "cached", "v1")
+    assert hashed == ["adapter_config.json"]
+    assert verify(tmp_path / "storage").ok

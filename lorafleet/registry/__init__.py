@@ -43,7 +43,14 @@ from lorafleet.registry.manifest import Manifest, base_fingerprint, read_manifes
 from lorafleet.registry.policy import PromotionPolicy, load_policy, set_policy
 from lorafleet.registry.promote import AliasMove, PromotionRefused, promote, rollback
 from lorafleet.registry.publish import publish_adapter, publish_merged, publish_run, unpublish
-from lorafleet.registry.verify import VerifyProblem, VerifyReport, check_version, verify
+from lorafleet.registry.verify import (
+    TamperedVersion,
+    VerifyProblem,
+    VerifyReport,
+    check_version,
+    require_intact,
+    verify,
+)
 
 __all__ = [
     "COMBINATIONS",
@@ -64,6 +71,7 @@ __all__ = [
     "Registry",
     "RegistryError",
     "ServingProfile",
+    "TamperedVersion",
     "VerifyProblem",
     "VerifyReport",
     "base_fingerprint",
@@ -80,6 +88,7 @@ __all__ = [
     "publish_run",
     "read_aliases",
     "read_manifest",
+    "require_intact",
     "resolve",
     "resolve_version",
     "rollback",

@@ -11,6 +11,7 @@ from pathlib import Path
 from lorafleet.registry.aliases import read_aliases
 from lorafleet.registry.layout import KINDS, LATEST, Kind, NotFound, Reference, Registry, RegistryError, parse_reference
 from lorafleet.registry.manifest import Manifest, read_manifest
+from lorafleet.registry.verify import require_intact
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,20 @@ def resolve_version(registry: Registry, reference: str | Reference, kind: Kind =
     return version
 
 
-def resolve(storage_uri: str | Path | None, reference: str | Reference, *, kind: Kind = "adapters") -> AdapterVersion:
-    """`name@alias` / `name@vN` / `name` (latest) → the version's folder and manifest.
+def resolve(
+    storage_uri: str | Path | None, reference: str | Reference, *, kind: Kind = "adapters", verify: bool = True
+) -> AdapterVersion:
+    """`name@alias` / `name@vN` / `name` (latest) → the version's folder and manifest, checked against it.
 
-    The folder never changes once visible; an alias may move later, so re-resolve to follow it.
+    The folder never changes once visible; an alias may move later, so re-resolve to follow it. A version whose
+    files no longer match its manifest raises TamperedVersion (pass `verify=False` only to describe it).
     """
     registry = Registry.open(storage_uri)
     name = parse_reference(reference).name
     version = resolve_version(registry, reference, kind)
     path = registry.version_dir(name, version, kind)
+    if verify:
+        require_intact(path, name, version)
     return AdapterVersion(name=name, version=version, kind=kind, path=path, manifest=read_manifest(path))
 
 

@@ -11,7 +11,9 @@ import getpass
 import hashlib
 import json
 import math
+import os
 import socket
+import threading
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -111,6 +113,36 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+class HashCache:
+    """sha256 of files that have not changed since they were last hashed, so every load can verify cheaply.
+
+    The key is what changes when a file is rewritten, replaced or touched: real path, size, inode, mtime and
+    ctime (ctime cannot be set back by a user). Any change means a fresh hash.
+    """
+
+    def __init__(self, limit: int = 4096):
+        self._known: dict[tuple[str, int, int, int, int], str] = {}
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def sha256(self, path: Path) -> str:
+        stat = os.stat(path)
+        key = (os.path.realpath(path), stat.st_size, stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns)
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None:
+            return known
+        digest = sha256_file(path)
+        with self._lock:
+            if len(self._known) >= self._limit:
+                self._known.clear()
+            self._known[key] = digest
+        return digest
+
+
+HASHES = HashCache()
 
 
 def digest_tree(folder: Path) -> dict[str, FileDigest]:

@@ -24,6 +24,7 @@ from lorafleet.registry.layout import (
 from lorafleet.registry.lookup import resolve_version
 from lorafleet.registry.manifest import read_manifest
 from lorafleet.registry.policy import load_policy
+from lorafleet.registry.verify import require_intact
 
 
 class PromotionRefused(RegistryError):
@@ -64,6 +65,7 @@ def promote(
         raise InvalidReference("--force needs --reason TEXT: it is recorded in the alias history")
     ref = parse_reference(f"{name}@{version}") if "@" not in name else parse_reference(name)
     target = resolve_version(registry, ref, kind)
+    require_intact(registry.version_dir(ref.name, target, kind), ref.name, target)
     candidate = read_manifest(registry.version_dir(ref.name, target, kind))
     policy = load_policy(registry, ref.name, kind)
     with editing_aliases(registry, ref.name, kind) as state:

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from lorafleet.registry.aliases import read_aliases
 from lorafleet.registry.layout import KINDS, Kind, Registry, RegistryError, parse_reference
-from lorafleet.registry.manifest import MANIFEST, read_manifest, safe_relative, sha256_file
+from lorafleet.registry.manifest import HASHES, MANIFEST, read_manifest, safe_relative, sha256_file
+
+
+class TamperedVersion(RegistryError):
+    """A registry version's files no longer match its manifest: it is refused everywhere it would be used."""
 
 
 @dataclass(frozen=True)
@@ -64,25 +68,48 @@ def verify(storage_uri: str | Path | None, name: str | None = None, *, kind: Kin
     return report
 
 
-def check_version(folder: Path, name: str, version: str) -> list[tuple[str | None, str]]:
-    """(file, problem) pairs for one version folder; [] when every file matches its manifest."""
+def require_intact(folder: Path, name: str | None = None, version: str | None = None) -> None:
+    """Refuse a version whose files no longer match its manifest (every load, promote and sync calls this).
+
+    Hashes are cached by path + size + inode + mtime + ctime, so an unchanged version costs a few stat calls.
+    """
+    problems = check_version(folder, name, version, cached=True)
+    if problems:
+        where = f"{name}@{version}" if name and version else str(folder)
+        listed = "; ".join(f"{folder / file if file else folder}: {message}" for file, message in problems)
+        raise TamperedVersion(
+            f"{where} does not match its manifest and is refused: {listed} "
+            "(run `lorafleet registry verify`; publish a new version instead of editing one)"
+        )
+
+
+def check_version(
+    folder: Path, name: str | None, version: str | None, *, cached: bool = False
+) -> list[tuple[str | None, str]]:
+    """(file, problem) pairs for one version folder; [] when every file matches its manifest.
+
+    `cached` reuses hashes of files unchanged since they were last hashed (`registry verify` always re-reads).
+    """
+    hash_of = HASHES.sha256 if cached else sha256_file
     try:
         manifest = read_manifest(folder)
     except RegistryError as exc:
         return [(MANIFEST, str(exc))]
     problems: list[tuple[str | None, str]] = []
-    if (manifest.name, manifest.version) != (name, version):
+    if name is not None and (manifest.name, manifest.version) != (name, version):
         problems.append((MANIFEST, f"says {manifest.name}@{manifest.version}, but lives in {name}/{version}"))
     for relative, expected in sorted(manifest.files.items()):
         if not safe_relative(relative):
             problems.append((relative, "manifest names a path outside the version folder"))
             continue
         path = folder / relative
-        if not path.is_file():
+        if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+            problems.append((relative, "is a link: versions hold regular files only"))
+        elif not path.is_file():
             problems.append((relative, "missing"))
         elif path.stat().st_size != expected.size:
             problems.append((relative, f"size {path.stat().st_size} != {expected.size} in the manifest (modified)"))
-        elif sha256_file(path) != expected.sha256:
+        elif hash_of(path) != expected.sha256:
             problems.append((relative, "sha256 does not match the manifest (modified)"))
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder).as_posix()

@@ -189,7 +189,8 @@ def test_a_tampered_version_is_refused_by_promote_serve_load_and_sync(good_adapt
     desired = read_desired(SyncConfig(storage=str(storage), targets=["http://127.0.0.1:9"], adapters=["pricing"]))
     assert "pricing" not in desired.adapters and any(re.search(expected, e) for e in desired.errors), desired.errors
     result = run_cli("promote", "pricing", "v1", "--storage", str(storage), timeout=120)
-    assert result.returncode == 1 and re.search(expected, result.stderr) and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1 and re.search(expected, result.stderr), result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_an_intact_version_is_hashed_once_then_again_only_after_it_changes(good_adapter, tmp_path, monkeypatch):

@@ -52,3 +52,44 @@ def test_a_lone_surrogate_is_a_400_and_the_connection_stays_usable(server, path:
         assert error["param"] == param and "not valid Unicode" in error["message"], error
         fine = client.post("/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
         assert fine.status_code == 200, fine.text
+
+
+def _metric(url: str, name: str) -> float:
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name) and not line.startswith("#"))
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["non-streamed", "streamed"])
+def test_a_client_that_goes_away_stops_its_generation_and_frees_the_slot(tiny_model_dir, tmp_path, stream):
+    import json
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.server import ServerThread
+    from tests.helpers import tiny_serving_config, two_adapters
+
+    wanted = 1900
+    config = tiny_serving_config(tiny_model_dir, two_adapters(tiny_model_dir, tmp_path), max_model_len=2048)
+    config = config.model_copy(update={"max_tokens": wanted})
+    with ServerThread(create_app(config)) as server:
+        body = json.dumps(
+            {"model": "tiny", "prompt": "hello", "max_tokens": wanted, "ignore_eos": True, "stream": stream}
+        ).encode()
+        where = urlsplit(server.url)
+        head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        client = socket.create_connection((where.hostname, where.port))
+        client.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while _metric(server.url, "lorafleet_running_requests") < 1:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.01)
+        client.close()
+        while _metric(server.url, "lorafleet_running_requests") > 0:
+            assert time.monotonic() < deadline + 30, "the request kept its slot after the client left"
+            time.sleep(0.01)
+        generated = _metric(server.url, "lorafleet_generation_tokens_total")
+        assert generated < wanted / 2, f"{generated} of {wanted} tokens generated for a client that was gone"

@@ -509,6 +509,9 @@ def test_versions_are_written_in_one_place() -> None:
     assert f"docker build -t {DEFAULT_IMAGE} ." in (REPO / "Dockerfile").read_text()
     cluster = yaml.safe_load((REPO / "k8s" / "base" / "raycluster.yaml").read_text())
     assert cluster["spec"]["rayVersion"] == RAY_VERSION
-    images = {c["image"] for g in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
-              for c in g["template"]["spec"]["containers"]}
+    images = {
+        c["image"]
+        for g in [cluster["spec"]["headGroupSpec"], *cluster["spec"]["workerGroupSpecs"]]
+        for c in g["template"]["spec"]["containers"]
+    }
     assert images == {DEFAULT_IMAGE}

@@ -166,10 +166,15 @@ def test_target_module_list_and_method_knobs_reach_the_peft_config(tmp_path: Pat
 
 # adapter section, text expected in the validation error (as `lorafleet validate` prints it)
 BAD_KNOBS = [
-    ({"method": "prefix_tuning", "use_rslora": True}, "adapter.use_rslora: use_rslora does not apply to method: "
-     "prefix_tuning (it is a knob of lora, dora; prefix_tuning takes num_virtual_tokens)"),
-    ({"method": "lora", "encoder_hidden_size": 64}, "encoder_hidden_size does not apply to method: lora "
-     "(it is a knob of p_tuning;"),
+    (
+        {"method": "prefix_tuning", "use_rslora": True},
+        "adapter.use_rslora: use_rslora does not apply to method: "
+        "prefix_tuning (it is a knob of lora, dora; prefix_tuning takes num_virtual_tokens)",
+    ),
+    (
+        {"method": "lora", "encoder_hidden_size": 64},
+        "encoder_hidden_size does not apply to method: lora (it is a knob of p_tuning;",
+    ),
     ({"method": "p_tuning", "prompt_init_text": "hi"}, "prompt_init_text does not apply to method: p_tuning"),
     ({"method": "prompt_tuning", "prompt_init_text": "  "}, "must not be blank"),
     ({"method": "prompt_tuning", "target_modules": ["q_proj"]}, "target_modules does not apply to method: prompt"),

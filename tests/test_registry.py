@@ -89,9 +89,7 @@ def make_run(storage: str, run_id: str, adapter: Path, metrics: dict | None = No
         JobConfig(name="demo", model={"name_or_path": BASE, "revision": "main"}, data={"train": "builtin:price"})
     )
     folder.write_record(
-        RunRecord(
-            run_id=run_id, status="succeeded", config_hash="c0ffee", global_step=5, data={"data_hash": "da7a"}
-        )
+        RunRecord(run_id=run_id, status="succeeded", config_hash="c0ffee", global_step=5, data={"data_hash": "da7a"})
     )
     if metrics is not None:
         (run_dir / "report").mkdir()
@@ -160,7 +158,6 @@ def test_one_corrupt_aliases_file_does_not_hide_the_other_names(storage, adapter
     assert f"error: adapters/broken: {aliases} is corrupt" in listed.stderr and "Traceback" not in listed.stderr
     as_json = json.loads(run_cli("registry", "list", "--json", "--storage", storage).stdout)
     assert [(e["name"], "error" in e) for e in as_json] == [("broken", True), ("healthy", False)]
-
 
 
 def test_publish_list_show_and_plain_peft_load(storage, adapters, tiny_model_dir):

@@ -19,8 +19,14 @@ def read_metrics(run_dir: Path) -> list[dict]:
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     storage = tmp_path_factory.mktemp("storage")
     result = run_cli(
-        "train", str(CONFIGS / "tiny.yaml"),
-        "--set", f"storage.uri={storage}", "--set", "training.max_steps=10", "--run-id", "tiny-two-workers",
+        "train",
+        str(CONFIGS / "tiny.yaml"),
+        "--set",
+        f"storage.uri={storage}",
+        "--set",
+        "training.max_steps=10",
+        "--run-id",
+        "tiny-two-workers",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "run tiny-two-workers" in result.stdout
@@ -29,8 +35,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_two_worker_run_writes_a_complete_run_folder(tiny_run: Path) -> None:
-    for name in ("config.yaml", "metrics.jsonl", "run.json", "adapter/adapter_config.json",
-                 "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "run.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/tokenizer.json",
+    ):
         assert (tiny_run / name).is_file(), name
     assert not list((tiny_run / "adapter").glob("optimizer*"))
     summary = json.loads((tiny_run / "run.json").read_text())

@@ -25,6 +25,8 @@ from lorafleet.serving.protocol import (
 from lorafleet.serving.request_queue import Delta, QueueFull, RequestStream, ServingError
 from lorafleet.serving.sampling import SamplingParams
 
+CLIENT_CLOSED = 499  # nginx's code for "client closed the request"; never reaches the client
+
 
 class BadRequest(ServingError):
     status = 400
@@ -65,7 +67,10 @@ class GenerationHandler:
                 continuous=bool(options and options.continuous_usage_stats),
             )
             return StreamingResponse(events, media_type="text/event-stream")
-        text, last = await self._collect(stream, observed)
+        collected = await self._collect_while_connected(request, stream, observed)
+        if collected is None:
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the batch slot is already free
+        text, last = collected
         return JSONResponse(self._response(response_id, body.model, text, last).model_dump(mode="json"))
 
     def _submit(self, request: GenerationRequest) -> RequestStream:
@@ -79,18 +84,21 @@ class GenerationHandler:
                 self.metrics.rejected.labels(reason="shutting_down").inc()
             raise
 
-    async def _collect(self, stream: RequestStream, observed: Observer) -> tuple[str, Delta]:
-        text, last = [], Delta()
+    async def _collect_while_connected(
+        self, request: Request, stream: RequestStream, observed: Observer
+    ) -> tuple[str, Delta] | None:
+        """The whole answer, or None as soon as the client disconnects (the sequence is cancelled then)."""
+        collecting = asyncio.ensure_future(_collect(stream, observed))
+        watching = asyncio.ensure_future(_disconnected(request))
         try:
-            async for delta in stream:
-                observed.delta(delta)
-                if delta.error is not None:
-                    raise delta.error
-                text.append(delta.text)
-                last = delta
+            await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            watching.cancel()
             stream.cancel()  # a no-op when finished; frees the slot if the client went away
-        return "".join(text), last
+        if not collecting.done():
+            collecting.cancel()
+            return None
+        return collecting.result()
 
     def _response(self, response_id: str, model: str, text: str, last: Delta):
         usage = Usage.of(last.prompt_tokens, last.completion_tokens)
@@ -132,3 +140,20 @@ class GenerationHandler:
             stop=tuple(body.stop_list),
             ignore_eos=body.ignore_eos,
         )
+
+
+async def _collect(stream: RequestStream, observed: Observer) -> tuple[str, Delta]:
+    text, last = [], Delta()
+    async for delta in stream:
+        observed.delta(delta)
+        if delta.error is not None:
+            raise delta.error
+        text.append(delta.text)
+        last = delta
+    return "".join(text), last
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body was read already, so the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -18,6 +18,7 @@ from lorafleet.serving.sampling import SamplingParams
 class UnknownModel(ServingError):
     status = 404
     type = "NotFoundError"
+    code = "model_not_found"
 
     def __init__(self, model: str):
         super().__init__(f"The model `{model}` does not exist.", param="model")

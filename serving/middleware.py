@@ -16,13 +16,15 @@ from lorafleet.serving.protocol import ErrorBody, ErrorResponse
 UNAUTHENTICATED_PATHS = ("/", "/health")
 
 
-def error_body(message: str, type_: str, status: int, param: str | None = None) -> dict:
-    """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}."""
-    return ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=status)).model_dump()
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    """The OpenAI error shape: {"error": {"message", "type", "param", "code"}}; `code` is a string or null."""
+    return ErrorResponse(error=ErrorBody(message=message, type=type_, param=param, code=code)).model_dump()
 
 
-async def send_error(send: Send, status: int, message: str, type_: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps(error_body(message, type_, status)).encode()
+async def send_error(
+    send: Send, status: int, message: str, type_: str, headers: dict[str, str] | None = None, code: str | None = None
+) -> None:
+    body = json.dumps(error_body(message, type_, code=code)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
@@ -76,6 +78,7 @@ class ApiKey:
                 "Invalid or missing API key: send `Authorization: Bearer <key>`.",
                 "AuthenticationError",
                 {"WWW-Authenticate": "Bearer"},
+                code="invalid_api_key",
             )
             return
         await self.app(scope, receive, send)

@@ -219,7 +219,7 @@ class ErrorBody(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: int
+    code: str | None = None  # OpenAI's spec: a string or null (vLLM sends the HTTP status number here)
 
 
 class ErrorResponse(BaseModel):
@@ -291,6 +291,7 @@ class CompletionResponse(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: str | None = None  # required (nullable) by OpenAI's spec
 
 
 class ChatChoice(BaseModel):

@@ -27,6 +27,7 @@ class ServingError(LorafleetError):
 
     status = 500
     type = "InternalServerError"
+    code: str | None = None  # OpenAI's machine-readable code, where it defines one
     param: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None):

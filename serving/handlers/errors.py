@@ -15,8 +15,10 @@ RETRY_AFTER_S = 1
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    def respond(status: int, message: str, type_: str, param: str | None = None, headers=None) -> JSONResponse:
-        return JSONResponse(error_body(message, type_, status, param), status_code=status, headers=headers)
+    def respond(
+        status: int, message: str, type_: str, param: str | None = None, headers=None, code: str | None = None
+    ) -> JSONResponse:
+        return JSONResponse(error_body(message, type_, param, code), status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -37,7 +39,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServingError)
     async def serving_error(_: Request, exc: ServingError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)} if exc.status in (429, 503) else None
-        return respond(exc.status, str(exc), exc.type, exc.param, headers)
+        return respond(exc.status, str(exc), exc.type, exc.param, headers, exc.code)
 
     @app.exception_handler(AdapterError)
     async def adapter_error(_: Request, exc: AdapterError) -> JSONResponse:

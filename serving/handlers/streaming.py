@@ -61,13 +61,19 @@ class ChunkWriter:
     def _line(self, choices: list, usage: Usage | None) -> str:
         shape = ChatCompletionChunk if self.chat else CompletionResponse
         body = shape(id=self.response_id, created=self.created, model=self.model, choices=choices, usage=usage)
-        return f"data: {body.model_dump_json()}\n\n"
+        fields = body.model_dump(mode="json")
+        # OpenAI's schemas: a completion chunk's usage and a chat delta's role/content are absent, never null.
+        if usage is None and not self.chat:
+            del fields["usage"]
+        for choice in fields["choices"] if self.chat else ():
+            choice["delta"] = {key: value for key, value in choice["delta"].items() if value is not None}
+        return f"data: {json.dumps(fields, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
     @staticmethod
     def error(exc: Exception) -> str:
-        status = getattr(exc, "status", 500)
         kind = getattr(exc, "type", "InternalServerError")
-        return f"data: {json.dumps(error_body(str(exc), kind, status))}\n\n"
+        body = error_body(str(exc), kind, getattr(exc, "param", None), getattr(exc, "code", None))
+        return f"data: {json.dumps(body)}\n\n"
 
 
 async def sse_events(

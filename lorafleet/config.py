@@ -281,6 +281,12 @@ class JobConfig(Section):
                 f"model.quantization: 8bit and strategy: {distributed.strategy} (sharded weights) cannot be used "
                 "together; use quantization: 4bit (QLoRA shards), or ZeRO stage 2"
             )
+        if self.model.quantization == "4bit" and distributed.strategy == "fsdp":
+            raise ValueError(
+                "model.quantization: 4bit and strategy: fsdp cannot be used together: the FSDP2 that Accelerate "
+                "runs here cannot shard bitsandbytes 4-bit weights; use strategy: deepspeed with deepspeed.stage: 3 "
+                "(QLoRA weights are stored as bf16 and sharded) or ddp"
+            )
         return self
 
     def to_yaml(self) -> str:

@@ -52,3 +52,16 @@ def test_the_cli_prints_the_same_error_and_exits_2(tmp_path: Path) -> None:
     result = run_cli("validate", str(path), timeout=60)
     assert result.returncode == 2 and "aliases expand this document" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_4bit_with_fsdp_is_refused_naming_both_knobs(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_bytes(
+        TINY.replace(b"model:\n", b"model:\n  quantization: 4bit\n", 1)
+        .replace(b"strategy: ddp", b"strategy: fsdp")
+        .replace(b"distributed:\n", b"distributed:\n  use_gpu: true\n")
+        .replace(b"precision: fp32", b"precision: bf16")
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_job_config(path)
+    assert "model.quantization: 4bit and strategy: fsdp cannot be used together" in str(caught.value)

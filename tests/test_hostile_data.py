@@ -3,13 +3,14 @@ valid", and the errors survive pickling (Ray hands workers' exceptions to the dr
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 
 from lorafleet.errors import ConfigError, DataError, Problem
-from tests.helpers import run_cli
+from tests.helpers import REPO, run_cli
 
 GOOD = b'{"instruction": "Say hi", "output": "hi"}\n'
 
@@ -44,3 +45,60 @@ def test_errors_cross_pickling_intact() -> None:
     for error in (DataError("train.jsonl", problems, total_bad=7), ConfigError("job.yaml", problems)):
         again = pickle.loads(pickle.dumps(error))
         assert type(again) is type(error) and str(again) == str(error) and again.problems == problems
+
+
+def _job(tmp_path: Path, train: Path, **data: object) -> Path:
+    import yaml
+
+    job = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    job["data"] = {"train": str(train), "format": "alpaca", "val_split": 0, **data}
+    job["training"]["max_steps"] = 1
+    job["distributed"] = {"num_workers": 1, "resources_per_worker": {"CPU": 1}, "strategy": "ddp"}
+    job["storage"] = {"uri": str(tmp_path / "storage")}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def test_train_refuses_bad_rows_on_the_driver_with_the_data_check_message(tmp_path: Path) -> None:
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(GOOD * 3 + b'{"instruction": "no output"}\n' + GOOD + b'{"instruction": 3, "output": "x"}\n')
+    checked = run_cli("data", "check", str(train), "--format", "alpaca", timeout=120)
+    trained = run_cli("train", str(_job(tmp_path, train)), timeout=300)
+    assert checked.returncode == trained.returncode == 2, trained.stdout + trained.stderr
+    for line in (f"{train}:4", f"{train}:6"):
+        assert line in checked.stderr and line in trained.stderr, trained.stderr
+    assert "Traceback" not in trained.stderr and "TypeError" not in trained.stderr
+    assert "ray" not in trained.stderr.lower(), "refused before any worker started"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("verbose", [False, True], ids=["quiet", "verbose"])
+def test_an_error_a_worker_raises_reaches_the_cli_intact(tmp_path: Path, verbose: bool) -> None:
+    """Only the workers tokenize: every row over max_seq_len leaves nothing to train on, found inside Ray."""
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(GOOD * 8)
+    trained = run_cli("train", str(_job(tmp_path, train, max_seq_len=8)), *(["--verbose"] * verbose), timeout=600)
+    assert trained.returncode == 2, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert f"{train}: no trainable examples" in trained.stderr.splitlines()[-1], trained.stderr[-3000:]
+    assert "TypeError" not in trained.stderr
+    if verbose:
+        assert "RayTrainWorker pid=" in trained.stderr + trained.stdout
+    else:
+        assert trained.stderr.count("\n") == 1, f"one line, the error; the rest is in the run log: {trained.stderr}"
+    record = json.loads(next((tmp_path / "storage" / "runs").glob("*/run.json")).read_text())
+    assert record["status"] == "failed" and "no trainable examples" in record["error"]
+
+
+def test_the_worker_error_is_found_inside_rays_wrappers() -> None:
+    from ray.exceptions import RayTaskError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    from lorafleet.training.launcher import lorafleet_cause
+
+    ours = DataError("train.jsonl", [Problem("train.jsonl:4", "field 'output': missing")])
+    wrapped = RayTaskError("train_loop", "Traceback ...", ours)
+    failure = pickle.loads(pickle.dumps(WorkerGroupError("Training failed", {0: wrapped, 1: RuntimeError("peer")})))
+    found = lorafleet_cause(failure)
+    assert isinstance(found, DataError) and str(found) == str(ours)
+    assert lorafleet_cause(RuntimeError("not ours")) is None and lorafleet_cause("a string") is None

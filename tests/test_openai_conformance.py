@@ -43,7 +43,9 @@ def validator(name: str, *, streamed_completion: bool = False) -> Draft202012Val
 
 
 def assert_conforms(body: object, name: str, **relax: bool) -> None:
-    problems = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(name, **relax).iter_errors(body)]
+    problems = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator(name, **relax).iter_errors(body)
+    ]
     assert problems == [], f"{name}: {problems}\n{json.dumps(body)[:2000]}"
 
 
@@ -112,7 +114,9 @@ def test_chat_completions_conform(client: httpx.Client, case: str) -> None:
 @pytest.mark.parametrize("usage", [False, True], ids=["plain", "include_usage"])
 def test_every_completion_stream_chunk_conforms(client: httpx.Client, usage: bool) -> None:
     body = COMPLETIONS["a list of one prompt, an adapter"] | {"stream": True}
-    answered = client.post("/v1/completions", json=body | ({"stream_options": {"include_usage": True}} if usage else {}))
+    answered = client.post(
+        "/v1/completions", json=body | ({"stream_options": {"include_usage": True}} if usage else {})
+    )
     assert answered.status_code == 200 and answered.headers["content-type"].startswith("text/event-stream")
     chunks = sse_chunks(answered)
     for chunk in chunks:
@@ -123,7 +127,9 @@ def test_every_completion_stream_chunk_conforms(client: httpx.Client, usage: boo
 @pytest.mark.parametrize("usage", [False, True], ids=["plain", "include_usage"])
 def test_every_chat_stream_chunk_conforms(client: httpx.Client, usage: bool) -> None:
     body = CHATS["system + parts, an adapter"] | {"stream": True}
-    answered = client.post("/v1/chat/completions", json=body | ({"stream_options": {"include_usage": True}} if usage else {}))
+    answered = client.post(
+        "/v1/chat/completions", json=body | ({"stream_options": {"include_usage": True}} if usage else {})
+    )
     assert answered.status_code == 200
     chunks = sse_chunks(answered)
     for chunk in chunks:

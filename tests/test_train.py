@@ -30,7 +30,22 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "run tiny-two-workers" in result.stdout
+    (storage / "runs" / "tiny-two-workers" / "console.txt").write_text(result.stdout + "\n--stderr--\n" + result.stderr)
     return storage / "runs" / "tiny-two-workers"
+
+
+CHATTER = ("Token authentication", "PreemptionWatcher", "RayTrainWorker", "TrainController", "Warning", "it/s]")
+
+
+@pytest.mark.slow
+def test_the_console_shows_lorafleets_lines_and_the_run_log_keeps_the_rest(tiny_run: Path) -> None:
+    stdout, stderr = (tiny_run / "console.txt").read_text().split("\n--stderr--\n")
+    assert [c for c in CHATTER if c in stdout + stderr] == [], stdout + stderr
+    lines = stdout.splitlines()
+    assert lines[0] == "run tiny-two-workers" and lines[2] == f"log {tiny_run / 'logs' / 'train.log'}", lines
+    assert sum("[tiny-two-workers] step " in line for line in lines) >= 10 and "succeeded: 10 steps" in stdout
+    log = (tiny_run / "logs" / "train.log").read_text()
+    assert "(RayTrainWorker pid=" in log and "[tiny-two-workers] step 10/10" in log
 
 
 @pytest.mark.slow

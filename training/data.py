@@ -23,7 +23,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from lorafleet.config import DataSection
+from lorafleet.config import DATA_FILE_SUFFIXES, DataSection
 from lorafleet.errors import Problem
 from lorafleet.training.data_formats import Rendered, Renderer, RenderError, Sample, parse_rows, raise_for_problems
 from lorafleet.training.data_packing import IGNORE_INDEX, Collator, pack, packing_efficiency
@@ -122,6 +122,21 @@ def build_datasets(data_cfg: DataSection, tokenizer: Any, seed: int) -> Tokenize
         eval=ExampleDataset(eval_examples) if eval_examples else None,
         stats=DataStats(train_stats, eval_stats, data_hash=records_hash([*train, *held_out])),
     )
+
+
+def check_rows_here(data_cfg: DataSection) -> None:
+    """Validate the rows of every local data file this machine can read, before workers start.
+
+    The same `DataError` (file:line, field) as `lorafleet data check`; references only the workers can read
+    (hub datasets, paths that exist on the cluster only) and builtins (generated valid) are left to them, and so
+    is tokenization.
+    """
+    for reference in (data_cfg.train, data_cfg.eval):
+        if reference is None:
+            continue
+        local = Path(reference).expanduser()
+        if reference.endswith(DATA_FILE_SUFFIXES) and local.is_file():
+            load_samples(reference, data_cfg.format, max_rows=data_cfg.max_rows)
 
 
 def records_hash(samples: list[Sample]) -> str:

@@ -21,13 +21,14 @@ from lorafleet.runs import (
     CHECKPOINTS_DIR,
     DEEPSPEED_FILE,
     METRICS_FILE,
-     DataRecord,
+    DataRecord,
     RunFolder,
     RunRecord,
     new_run_id,
     validate_run_id,
 )
 from lorafleet.storage import upload_dir
+from lorafleet.training.console import RunConsole
 
 CHECKPOINT_ONLY_FILES = re.compile(
     r"^((optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)"
@@ -39,8 +40,13 @@ class TrainingFailed(LorafleetError):
     pass
 
 
-def run_training(job: JobConfig, *, run_id: str | None = None, address: str | None = None) -> RunRecord:
-    """Train (or continue) run `run_id`: an existing run folder resumes from its last complete checkpoint."""
+def run_training(
+    job: JobConfig, *, run_id: str | None = None, address: str | None = None, verbose: bool = False
+) -> RunRecord:
+    """Train (or continue) run `run_id`: an existing run folder resumes from its last complete checkpoint.
+
+    The console shows lorafleet's lines; Ray's and the libraries' go to the run's log (all of it with `verbose`).
+    """
     run_id = validate_run_id(run_id or new_run_id(job.name))
     folder = RunFolder.of(job.storage.uri, run_id)
     previous = folder.read_config() if folder.config_text() is not None else None
@@ -49,9 +55,19 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
             f"run {run_id} exists with a different config; resume it with the config saved in "
             f"{folder}/config.yaml, or start a new run id"
         )
+    console = RunConsole(folder, verbose=verbose)
+    console.start()
+    try:
+        return _train(job, folder, previous is not None, address, console)
+    finally:
+        console.stop()
+
+
+def _train(job: JobConfig, folder: RunFolder, resuming: bool, address: str | None, console: RunConsole) -> RunRecord:
+    run_id = folder.run_id
     preflight(job, embedded=address is None)
     folder.write_config(job)
-    print(f"run {run_id}{' (resuming)' if previous else ''}\nfolder {folder}", flush=True)
+    print(f"run {run_id}{' (resuming)' if resuming else ''}\nfolder {folder}\nlog {console.log_path}", flush=True)
     deepspeed = None
     if job.distributed.strategy == "deepspeed":
         from lorafleet.training.strategies import deepspeed_config
@@ -62,15 +78,19 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
     started = time.monotonic()
     if address is None:
         provision_builtins(job)
-    connect_ray(job, address)
+    connect_ray(job, address, quiet=not console.verbose)
+    console.follow_workers()
     try:
         result = build_torch_trainer(job, folder, deepspeed=deepspeed).fit()
         error = result.error if result.checkpoint is not None else result.error or "no checkpoint was reported"
     except Exception as exc:  # Ray Train V2 raises the workers' error from fit()
         error = exc
     if error is not None:
-        folder.write_record(RunRecord(run_id=run_id, status="failed", error=str(error), run_dir=folder.uri))
-        raise TrainingFailed(f"run {run_id} failed: {error}")
+        ours = lorafleet_cause(error)  # a bad row or setting seen by a worker: the same message as on the driver
+        folder.write_record(RunRecord(run_id=run_id, status="failed", error=str(ours or error), run_dir=folder.uri))
+        if ours is not None:
+            raise ours
+        raise TrainingFailed(f"run {run_id} failed: {error}\n(the workers' full output: {console.log_path})")
 
     final_checkpoint = result.checkpoint
     if job.training.best_metric:
@@ -93,6 +113,19 @@ def run_training(job: JobConfig, *, run_id: str | None = None, address: str | No
     return record
 
 
+def lorafleet_cause(error: BaseException | str, seen: set[int] | None = None) -> LorafleetError | None:
+    """The LorafleetError a worker raised, found inside Ray's wrappers (worker failures, task errors, causes)."""
+    seen = seen if seen is not None else set()
+    if isinstance(error, str) or id(error) in seen:
+        return None
+    seen.add(id(error))
+    if isinstance(error, LorafleetError):
+        return error
+    inner: list[BaseException] = list(getattr(error, "worker_failures", {}).values())
+    inner += [e for e in (getattr(error, "cause", None), error.__cause__, error.__context__) if e is not None]
+    return next((found for e in inner if (found := lorafleet_cause(e, seen)) is not None), None)
+
+
 def provision_builtins(job: JobConfig) -> None:
     """Make builtin models and datasets once on this machine, before workers (which share its cache) start.
 
@@ -113,12 +146,14 @@ def preflight(job: JobConfig, *, embedded: bool) -> None:
     machine) the device itself: GPUs present, precision, bitsandbytes. Workers check again on their device."""
     import torch
 
+    from lorafleet.training.data import check_rows_here
     from lorafleet.training.model import check_precision, check_quantization
     from lorafleet.training.sinks import check_sinks
     from lorafleet.training.strategies import check_strategy
 
     check_sinks(job.training.logging)
     check_strategy(job, "cuda" if job.distributed.use_gpu else "cpu")
+    check_rows_here(job.data)
     if not embedded:
         return
     if job.distributed.use_gpu and not torch.cuda.is_available():
@@ -132,7 +167,7 @@ def preflight(job: JobConfig, *, embedded: bool) -> None:
         check_quantization(job.model, device)
 
 
-def connect_ray(job: JobConfig, address: str | None) -> None:
+def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False) -> None:
     """Join `address`, or start an embedded Ray sized so that the job's workers fit on this machine."""
     import ray
 
@@ -141,7 +176,7 @@ def connect_ray(job: JobConfig, address: str | None) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, configure_logging=not quiet)
         return
     cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
     ray.init(
@@ -149,7 +184,7 @@ def connect_ray(job: JobConfig, address: str | None) -> None:
         include_dashboard=True,  # Ray Train's controller watches itself through the state API it serves
         dashboard_host="127.0.0.1",
         log_to_driver=True,
-        configure_logging=True,
+        configure_logging=not quiet,  # quiet: Ray's loggers keep the run log's handler
         logging_level="warning",
     )
 

@@ -17,6 +17,9 @@ def train(
     resume: str = typer.Option(
         None, "--resume", help="Continue run RUN_ID from its last complete checkpoint (with its saved config)."
     ),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Show Ray's and the libraries' output too (always in the run's logs/train.log)."
+    ),
 ) -> None:
     """Fine-tune with Ray Train; prints the run id, progress, and where the adapter is."""
     from lorafleet.training.launcher import load_run_config, run_training
@@ -25,7 +28,7 @@ def train(
     if resume:
         job = load_run_config(job.storage.uri, resume)
         run_id = resume
-    summary = run_training(job, run_id=run_id, address=address)
+    summary = run_training(job, run_id=run_id, address=address, verbose=verbose)
     loss = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
     typer.echo(
         f"run {summary.run_id} {summary.status}: {summary.global_step} steps in {summary.seconds}s, "

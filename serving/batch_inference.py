@@ -65,11 +65,11 @@ def run_batch(job: BatchJob) -> BatchSummary:
     errors = JsonlAppender(job.errors_path, truncate=True)
     try:
         for row in read_rows(job.input, job.model):
-            if (row.custom_id in done_ids) if row.custom_id is not None else (row.line in done_lines):
-                summary.skipped += 1
-            elif isinstance(row, RowError):
+            if isinstance(row, RowError):  # never answered, so never skipped (a duplicate shares its id with one)
                 errors.append(row.record())
                 summary.failed += 1
+            elif (row.custom_id in done_ids) if row.custom_id is not None else (row.line in done_lines):
+                summary.skipped += 1
             else:
                 todo.append(row)
         bar = tqdm(total=len(todo), unit="row", desc="batch", disable=not job.progress or not todo)

@@ -44,8 +44,23 @@ MAX_SHIPPED_DATA_BYTES = 200 * 2**20
 JOB_CONFIG_NAME = "job.yaml"
 AUTH_HINT = (
     "\n  the cluster uses token authentication: set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)"
-    " to its token"
+    " to its token (lorafleet sends the one it finds there; Ray's own CLI reads it only with RAY_AUTH_MODE=token)"
 )
+
+
+def cluster_token_headers() -> dict[str, str]:
+    """The cluster token as a header, from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token.
+
+    Ray's clients send it only with RAY_AUTH_MODE=token, even when `ray start --head` wrote ~/.ray/auth_token;
+    we send it whenever one is at hand (unless RAY_AUTH_MODE=disabled).
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if not token and token_file.is_file():
+        token = token_file.read_text(encoding="utf-8", errors="replace").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class SubmitError(LorafleetError):
@@ -128,7 +143,7 @@ class RayJobs:
             name: os.environ.pop(name) for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if name in os.environ
         }
         try:
-            self.client = JobSubmissionClient(address)
+            self.client = JobSubmissionClient(address, headers=cluster_token_headers())
         except AuthenticationError as exc:
             raise SubmitError(f"the Ray cluster at {address} refused us: {_first_line(exc)}{AUTH_HINT}") from None
         except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -13,14 +13,14 @@ CONFIGS = REPO / "configs"
 BASE_ID = "tiny"  # the served name of the tiny base in serving tests
 
 
-def run_cli(*args: str, timeout: float = 900, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `lorafleet ARGS...` exactly as a user would (exit codes and stderr included)."""
+def run_cli(*args: str, timeout: float = 900, env: dict[str, str | None] | None = None) -> subprocess.CompletedProcess:
+    """Run `lorafleet ARGS...` exactly as a user would (exit codes and stderr included); env None values unset."""
     return subprocess.run(
         [sys.executable, "-c", "from lorafleet.cli import main; main()", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env={name: value for name, value in {**os.environ, **(env or {})}.items() if value is not None},
         cwd=REPO,
     )
 

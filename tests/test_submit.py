@@ -386,6 +386,19 @@ def test_jobs_cli_without_the_clusters_token_says_how_to_authenticate(ray_cluste
     assert result.returncode == 1 and "set RAY_AUTH_TOKEN" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_token_in_ray_auth_token_is_used_without_ray_auth_mode(ray_cluster, tmp_path):
+    """`ray start --head` writes ~/.ray/auth_token; Ray's own clients ignore it unless RAY_AUTH_MODE=token."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(ray_cluster.env["RAY_AUTH_TOKEN"])
+    unset: dict[str, str | None] = {"RAY_AUTH_MODE": None, "RAY_AUTH_TOKEN": None, "RAY_AUTH_TOKEN_PATH": None}
+    result = run_cli("jobs", "list", "--address", ray_cluster.address, env={**unset, "HOME": str(home)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    (home / ".ray" / "auth_token").write_text("not-the-token")
+    refused = run_cli("jobs", "list", "--address", ray_cluster.address, env={**unset, "HOME": str(home)})
+    assert refused.returncode == 1 and "RAY_AUTH_MODE=token" in refused.stderr and "~/.ray/auth_token" in refused.stderr
+
+
 def test_stopped_job_is_read_back_through_the_jobs_cli(ray_cluster, tmp_path):
     """Submit (no --wait), stop it at once: status, list, logs --follow (exit 1: not SUCCEEDED), stop again."""
     address = ["--address", ray_cluster.address]

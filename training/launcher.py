@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +30,16 @@ from lorafleet.runs import (
 )
 from lorafleet.storage import upload_dir
 from lorafleet.training.console import RunConsole
+from lorafleet.training.ray_watchdog import start_watchdog, watch_session
 
 CHECKPOINT_ONLY_FILES = re.compile(
     r"^((optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)"
     r"|latest|zero_to_(fp32|torch)\.py)$"  # DeepSpeed's resume pointer and conversion scripts
 )
+
+
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of committed checkpoints
+WATCHDOGS: list = []  # the embedded Ray's watchdog processes (training/ray_watchdog.py)
 
 
 class TrainingFailed(LorafleetError):
@@ -75,6 +81,9 @@ def _train(job: JobConfig, folder: RunFolder, resuming: bool, address: str | Non
         deepspeed = deepspeed_config(job)
         folder.write_text(DEEPSPEED_FILE, json.dumps(deepspeed, indent=2))
 
+    if resuming and folder.local is not None:
+        for name in prune_uncommitted_checkpoints(folder.local / CHECKPOINTS_DIR):
+            print(f"[{run_id}] removed {name}: a checkpoint the killed run never committed", flush=True)
     started = time.monotonic()
     if address is None:
         provision_builtins(job)
@@ -111,6 +120,30 @@ def _train(job: JobConfig, folder: RunFolder, resuming: bool, address: str | Non
     )
     folder.write_record(record)
     return record
+
+
+def prune_uncommitted_checkpoints(checkpoints: Path) -> list[str]:
+    """Remove checkpoint folders that Ray's checkpoint manager never recorded (a run killed while saving).
+
+    Ray writes a checkpoint's folder first and lists it in `checkpoint_manager_snapshot.json` once it is whole;
+    a folder missing from the list was never resumable and would otherwise stay forever.
+    """
+    if not checkpoints.is_dir():
+        return []
+    try:
+        snapshot = json.loads((checkpoints / RAY_CHECKPOINT_SNAPSHOT).read_text())
+        committed = {entry["checkpoint_dir_name"] for entry in snapshot.get("checkpoint_results", [])}
+    except FileNotFoundError:
+        committed = set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []  # unreadable: Ray will say so on restore; never delete what might be committed
+    removed = []
+    for entry in sorted(checkpoints.iterdir()):
+        if entry.is_dir() and not entry.is_symlink() and entry.name.startswith("checkpoint_"):
+            if entry.name not in committed:
+                shutil.rmtree(entry)
+                removed.append(entry.name)
+    return removed
 
 
 def lorafleet_cause(error: BaseException | str, seen: set[int] | None = None) -> LorafleetError | None:
@@ -179,6 +212,8 @@ def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False) -> 
         ray.init(address=address, log_to_driver=True, configure_logging=not quiet)
         return
     cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
+    watchdog = start_watchdog()  # kills what ray.init starts if this process dies, even by SIGKILL
+    WATCHDOGS.append(watchdog)  # its pipe must stay open for as long as this process lives
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
         include_dashboard=True,  # Ray Train's controller watches itself through the state API it serves
@@ -187,6 +222,7 @@ def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False) -> 
         configure_logging=not quiet,  # quiet: Ray's loggers keep the run log's handler
         logging_level="warning",
     )
+    watch_session(watchdog, ray._private.worker._global_node.get_session_dir_path())  # private, pinned Ray
 
 
 def build_torch_trainer(job: JobConfig, folder: RunFolder, *, deepspeed: dict | None = None):

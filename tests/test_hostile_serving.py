@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from pathlib import Path
+
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import run_cli
 
@@ -20,14 +27,71 @@ def test_an_empty_api_key_is_refused_not_treated_as_no_auth(how: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    from lorafleet.serving.app import create_app
-    from lorafleet.serving.server import ServerThread
-    from tests.helpers import tiny_serving_config, two_adapters
+def adapter_root(tiny_model_dir, tmp_path_factory) -> Path:
+    """Adapters a and b, plus hostile folders: one linked out of the root, one whose weights link out, one empty."""
+    from tests.helpers import two_adapters
 
     root = two_adapters(tiny_model_dir, tmp_path_factory.mktemp("hostile-adapters"))
-    with ServerThread(create_app(tiny_serving_config(tiny_model_dir, root, max_tokens=8))) as running:
+    outside = tmp_path_factory.mktemp("outside")
+    shutil.copytree(root / "a", outside / "copy")
+    os.symlink(outside / "copy", root / "linked-folder")
+    shutil.copytree(root / "a", root / "linked-weights")
+    (root / "linked-weights" / "adapter_model.safetensors").unlink()
+    os.symlink(outside / "copy" / "adapter_model.safetensors", root / "linked-weights" / "adapter_model.safetensors")
+    (root / "empty").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapter_root):
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.server import ServerThread
+    from tests.helpers import tiny_serving_config
+
+    config = tiny_serving_config(tiny_model_dir, adapter_root, max_tokens=8, adapter_roots=[str(adapter_root)])
+    with ServerThread(create_app(config)) as running:
         yield running
+
+
+LOAD, UNLOAD = "/v1/load_lora_adapter", "/v1/unload_lora_adapter"
+# (route, body with {root}, status, param, words in the message)
+ADMIN_CALLS = {
+    "traversal out of the root": (LOAD, {"lora_name": "x", "lora_path": "{root}/../../etc"}, 400, "lora_path",
+                                  "outside the allowed adapter roots"),
+    "a folder linked out of the root": (LOAD, {"lora_name": "x", "lora_path": "{root}/linked-folder"}, 400,
+                                        "lora_path", "outside the allowed adapter roots"),
+    "weights linked out of the folder": (LOAD, {"lora_name": "x", "lora_path": "{root}/linked-weights"}, 400,
+                                         "lora_path", "outside the adapter folder"),
+    "not an adapter folder": (LOAD, {"lora_name": "x", "lora_path": "{root}/empty"}, 400, "lora_path",
+                              "no adapter_config.json"),
+    "a missing folder": (LOAD, {"lora_name": "x", "lora_path": "{root}/absent"}, 404, "lora_path", "does not exist"),
+    "a trailing newline in the name": (LOAD, {"lora_name": "evil\n", "lora_path": "{root}/a"}, 400, "lora_name",
+                                       "invalid"),
+    "dots in the name": (LOAD, {"lora_name": "a..b", "lora_path": "{root}/a"}, 400, "lora_name", "invalid"),
+    "a slash in the name": (LOAD, {"lora_name": "../a", "lora_path": "{root}/a"}, 400, "lora_name", "invalid"),
+    "a 200-character name": (LOAD, {"lora_name": "a" * 200, "lora_path": "{root}/a"}, 400, "lora_name", "invalid"),
+    "the base model's name": (LOAD, {"lora_name": "tiny", "lora_path": "{root}/a"}, 400, "lora_name",
+                              "conflicts with the served base"),
+    "already loaded": (LOAD, {"lora_name": "a", "lora_path": "{root}/a"}, 400, "lora_name", "already"),
+    "an unknown field": (LOAD, {"lora_name": "x", "lora_path": "{root}/a", "trust_remote_code": True}, 400,
+                         "trust_remote_code", "Unrecognized request argument"),
+    "unload the base model": (UNLOAD, {"lora_name": "tiny"}, 404, "lora_name", "cannot be found"),
+    "unload an unknown adapter": (UNLOAD, {"lora_name": "ghost"}, 404, "lora_name", "ghost"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ADMIN_CALLS))
+def test_hostile_admin_calls_are_refused_and_nothing_is_loaded(server, adapter_root: Path, case: str) -> None:
+    import httpx
+
+    route, body, status, param, words = ADMIN_CALLS[case]
+    body = json.loads(json.dumps(body).replace("{root}", str(adapter_root)))
+    answered = httpx.post(server.url + route, json=body, timeout=60)
+    assert answered.status_code == status, answered.text
+    error = answered.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+    listed = {model["id"] for model in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]}
+    assert listed == {"tiny", "a", "b"}
 
 
 LONE_SURROGATES = [
@@ -93,3 +157,36 @@ def test_a_client_that_goes_away_stops_its_generation_and_frees_the_slot(tiny_mo
             time.sleep(0.01)
         generated = _metric(server.url, "lorafleet_generation_tokens_total")
         assert generated < wanted / 2, f"{generated} of {wanted} tokens generated for a client that was gone"
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
+    max_leaves=12,
+)
+KNOWN_KEYS = [
+    "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
+    "stream", "stream_options", "stop", "seed", "logit_bias", "logprobs", "echo", "response_format", "tools",
+    "lora_name", "lora_path", "ignore_eos", "frequency_penalty", "presence_penalty", "user", "best_of",
+]  # fmt: skip
+ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter", "/v1/unload_lora_adapter"]
+PLAUSIBLE = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "a", "b", "", "nope"]) | st.text(max_size=8)},
+    optional={key: JSON for key in KNOWN_KEYS if key != "model"},
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(route=st.sampled_from(ROUTES), body=PLAUSIBLE | JSON)
+def test_no_json_body_makes_the_server_fail(server, route, body) -> None:
+    """Any JSON at all, and bodies made of the real keys with any values: a 2xx or a 4xx, never a 5xx."""
+    import httpx
+
+    content = json.dumps(body, allow_nan=True).encode()
+    answered = httpx.post(server.url + route, content=content, headers={"Content-Type": "application/json"}, timeout=60)
+    assert answered.status_code < 500, (answered.status_code, answered.text[:500], body)
+    if answered.status_code >= 400:
+        error = answered.json()["error"]
+        assert isinstance(error["message"], str) and error["message"], error
+    elif route == "/v1/load_lora_adapter":
+        pytest.fail(f"a random body loaded an adapter: {body}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -236,6 +236,9 @@ class StorageSection(Section):
         return str(path.resolve())
 
 
+BaselineName = Literal["median", "tfidf_ridge", "majority", "tfidf_logreg", "most_common"]
+
+
 class EvalSection(Section):
     split: Literal["val", "test"] = Field(
         "val", description="`val`: data.eval, else train's seeded val_split holdout; `test`: train's test file."
@@ -245,6 +248,12 @@ class EvalSection(Section):
     batch_size: int = Field(8, gt=0, description="Examples per forward pass / generate call.")
     task: Literal["auto", "numeric", "classification", "text"] = Field(
         "auto", description="Which generation metrics: auto-detected from the reference answers unless set."
+    )
+    baselines: list[BaselineName] = Field(
+        default_factory=lambda: list(get_args(BaselineName)),
+        description="Baselines fitted on the run's training rows and scored beside the models (those that apply "
+        "to the task: median, tfidf_ridge for numeric; majority, tfidf_logreg for classification; most_common "
+        "for text). []: none.",
     )
 
 

@@ -86,6 +86,9 @@ def cli_report(trained_run: Path) -> dict:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "fine-tuned" in result.stdout and "MAE" in result.stdout, result.stdout
     assert "generate base" in result.stderr, "no progress bar"
+    assert (
+        "the fine-tune beats the best baseline" in result.stdout or "does NOT beat the best baseline" in result.stdout
+    )
     return json.loads((trained_run / "report" / "eval.json").read_text())
 
 
@@ -169,8 +172,15 @@ def test_eval_report_has_every_section_and_plot(trained_run: Path, cli_report: d
         assert set(cli_report[side]) >= {"loss", "perplexity", "mae", "rmsle", "within_20pct", "unparseable"}
         assert 0 <= cli_report[side]["unparseable"] <= 12
     markdown = (report_dir / "eval.md").read_text()
+    assert set(cli_report["baselines"]) == {"median", "tfidf_ridge"}, cli_report["baselines"]
+    for name, metrics in cli_report["baselines"].items():
+        assert set(metrics) >= {"mae", "rmsle", "within_20pct"} and cli_report["baseline_methods"][name]
+    judged = cli_report["verdict"]
+    assert judged["metric"] == "mae" and judged["best_baseline"] in cli_report["baselines"]
+    assert judged["beats"] == (cli_report["finetuned"]["mae"] < cli_report["baselines"][judged["best_baseline"]]["mae"])
     for piece in (
-        "| metric | base | fine-tuned | change |",
+        "| metric | base | fine-tuned | median | tfidf_ridge | change |",
+        "Baselines, fitted on the run's training rows",
         "MAE",
         "within ±20%",
         "## Examples",
@@ -180,6 +190,7 @@ def test_eval_report_has_every_section_and_plot(trained_run: Path, cli_report: d
         assert piece in markdown, piece
     rows = [json.loads(line) for line in (report_dir / "eval_generations.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(row["reference"].startswith("$") for row in rows)
+    assert all(set(row["baselines"]) == {"median", "tfidf_ridge"} for row in rows)
 
 
 def test_base_and_finetuned_differ_on_the_same_examples(trained_run: Path, cli_report: dict) -> None:
@@ -274,3 +285,61 @@ def test_registry_reads_the_finetuned_metrics(trained_run: Path, cli_report: dic
         assert metrics["mae"] == metrics["finetuned.mae"] == cli_report["finetuned"]["mae"]
     assert metrics["loss"] == cli_report["finetuned"]["loss"] and metrics["base.loss"] == cli_report["base"]["loss"]
     assert metrics["within_20pct"] == cli_report["finetuned"]["within_20pct"]
+    assert metrics["baselines.median.mae"] == cli_report["baselines"]["median"]["mae"]  # the gate's beat_baseline
+
+
+def _price_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """Products whose price follows their words (as real listings do): a text model can learn it, a constant not."""
+    import random
+
+    rng = random.Random(seed)
+    kinds = {"cable": 9.0, "mouse": 25.0, "keyboard": 60.0, "monitor": 240.0, "laptop": 900.0}
+    rows = []
+    for _ in range(n):
+        kind = rng.choice(sorted(kinds))
+        price = kinds[kind] * rng.uniform(0.9, 1.1)
+        rows.append((f"How much does this cost?\nA {rng.choice(['black', 'white', 'grey'])} {kind}", f"${price:.2f}"))
+    return rows
+
+
+def test_numeric_baselines_are_a_median_and_a_text_regressor_and_the_regressor_wins() -> None:
+    from lorafleet.training.evaluate_baselines import fit_baselines, verdict
+    from lorafleet.training.evaluate_metrics import task_metrics
+
+    train, held_out = _price_rows(200, seed=1), _price_rows(40, seed=2)
+    found = fit_baselines("numeric", ["median", "tfidf_ridge", "majority"], train, [text for text, _ in held_out])
+    assert [b.name for b in found] == ["median", "tfidf_ridge"]  # majority is for classification
+    references = [answer for _, answer in held_out]
+    scores = {b.name: task_metrics("numeric", b.predictions, references) for b in found}
+    assert len(set(found[0].predictions)) == 1 and "median of 200 training answers" in found[0].how
+    assert scores["tfidf_ridge"]["mae"] < 0.5 * scores["median"]["mae"], scores
+    assert scores["tfidf_ridge"]["within_20pct"] > 2 * scores["median"]["within_20pct"], scores
+    tuned = {"mae": scores["median"]["mae"] * 0.9}  # better than the constant, worse than the regressor
+    judged = verdict("numeric", tuned, scores)
+    assert judged is not None and judged["best_baseline"] == "tfidf_ridge" and judged["beats"] is False
+
+
+def test_classification_and_text_baselines() -> None:
+    from lorafleet.training.evaluate_baselines import fit_baselines
+
+    train = [(f"ticket about {word}", f"Category: {label}") for word, label in
+             [("refund", "billing"), ("invoice", "billing"), ("crash", "bug"), ("error", "bug"), ("charge", "billing")]
+             * 6]  # fmt: skip
+    found = fit_baselines("classification", ["majority", "tfidf_logreg"], train, ["a crash again", "my invoice"])
+    assert found[0].predictions == ["Category: billing"] * 2 and found[1].predictions == [
+        "Category: bug",
+        "Category: billing",
+    ]
+    text = fit_baselines("text", ["most_common"], [("q1", "hello"), ("q2", "hello"), ("q3", "bye")], ["q"])
+    assert text[0].predictions == ["hello"] and fit_baselines("text", [], train, ["q"]) == []
+
+
+def test_the_gate_can_require_beating_the_best_baseline() -> None:
+    from lorafleet.registry import PromotionPolicy
+
+    metrics = {"mae": 30.0, "baselines.median.mae": 100.0, "baselines.tfidf_ridge.mae": 32.0}
+    assert PromotionPolicy(beat_baseline={"mae": 0.0}).evaluate(metrics) == []
+    failures = PromotionPolicy(beat_baseline={"mae": 0.1}).evaluate(metrics)
+    assert len(failures) == 1 and "does not beat the best baseline (tfidf_ridge: 32)" in failures[0], failures
+    missing = PromotionPolicy(beat_baseline={"accuracy": 0.0}).evaluate(metrics)
+    assert "baselines.*.accuracy" in missing[0]

@@ -15,6 +15,8 @@ Generation is batched with left padding, greedy, and stops at EOS or max_new_tok
 
 The report (see evaluate_report.py): report/eval.json (every number, base and fine-tuned side by side),
 report/eval.md, report/eval_metrics.png, report/eval_scatter.png (numeric tasks), report/eval_generations.jsonl.
+Baselines (evaluate_baselines.py: a constant and a classical text model per task, fitted on the run's training
+rows) are scored on the same examples; the verdict says whether the fine-tune beats the best of them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from lorafleet.config import EvalSection, JobConfig
 from lorafleet.errors import ConfigError, Problem
 from lorafleet.runs import FinishedRun
 from lorafleet.training.data import label_count
-from lorafleet.training.evaluate_data import EvalData, EvalExample, examples_digest, load_eval_data
+from lorafleet.training.evaluate_baselines import Baseline, fit_baselines, verdict
+from lorafleet.training.evaluate_data import EvalData, EvalExample, examples_digest, load_eval_data, training_pairs
 from lorafleet.training.evaluate_metrics import detect_task, task_metrics
 
 
@@ -82,9 +85,11 @@ def evaluate_run(run: FinishedRun, settings: EvalSection, *, device: str | None 
     if not base_pass.examples_sha256 == tuned_pass.examples_sha256 == data.digest():
         raise RuntimeError("base and fine-tuned were not evaluated on the same examples")
 
+    baselines = fit_baselines(task, settings.baselines, training_pairs(job), [e.baseline_input for e in data.examples])
     report = build_report(run, settings, data, (task, task_source), (base_pass, tuned_pass), (target, precision))
+    add_baselines(report, task, baselines, data.references)
     report["seconds"]["total"] = round(time.monotonic() - started, 1)
-    files = write_report(run.report_dir, report, generation_rows(data, base_pass, tuned_pass))
+    files = write_report(run.report_dir, report, generation_rows(data, base_pass, tuned_pass, baselines))
     return EvalOutcome(report=report, files=files)
 
 
@@ -141,6 +146,18 @@ def build_report(
         },
         "seconds": {"base": base_pass.seconds, "finetuned": tuned_pass.seconds},
     }
+
+
+def add_baselines(
+    report: dict[str, Any], task: str | None, baselines: list[Baseline], references: list[str] | None
+) -> None:
+    """Each baseline's task metrics on the same examples, how it was fitted, and the verdict against the best."""
+    if task is None or references is None or not baselines:
+        report["baselines"], report["baseline_methods"], report["verdict"] = {}, {}, None
+        return
+    report["baselines"] = {b.name: task_metrics(task, b.predictions, references) for b in baselines}
+    report["baseline_methods"] = {b.name: b.how for b in baselines}
+    report["verdict"] = verdict(task, report["finetuned"], report["baselines"])
 
 
 def resolve_settings(job: JobConfig, **overrides: Any) -> EvalSection:
@@ -300,7 +317,9 @@ def pass_metrics(result: ModelPass, task: str | None, references: list[str] | No
     return metrics
 
 
-def generation_rows(data: EvalData, base: ModelPass, tuned: ModelPass) -> list[dict[str, Any]]:
+def generation_rows(
+    data: EvalData, base: ModelPass, tuned: ModelPass, baselines: list[Baseline] = ()
+) -> list[dict[str, Any]]:
     return [
         {
             "index": example.index,
@@ -309,6 +328,7 @@ def generation_rows(data: EvalData, base: ModelPass, tuned: ModelPass) -> list[d
             "reference": example.reference,
             "base": base.generations[i] if base.generations else None,
             "finetuned": tuned.generations[i] if tuned.generations else None,
+            "baselines": {baseline.name: baseline.predictions[i] for baseline in baselines},
         }
         for i, example in enumerate(data.examples)
     ]

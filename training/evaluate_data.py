@@ -13,6 +13,7 @@ from lorafleet.config import EvalSection, JobConfig
 from lorafleet.training.data import encode_all, label_count, load_samples, split_holdout
 from lorafleet.training.data_formats import Alpaca, Chat, Completion, Renderer, Sample, Text
 from lorafleet.training.data_sources import DataSourceError
+from lorafleet.training.evaluate_baselines import baseline_input
 
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -26,6 +27,7 @@ class EvalExample:
     labels: list[int]  # -100 outside the responses
     prompt_ids: list[int]  # the rendered text up to the last response (the generation pass)
     reference: str | None  # the last response; None for the text format (no prompt/answer split)
+    baseline_input: str = ""  # what the classical baselines read (evaluate_baselines.baseline_input)
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,11 @@ def load_eval_data(job: JobConfig, settings: EvalSection, tokenizer: Any) -> Eva
             prompt_ids = tokenizer(rendered.text[: rendered.spans[-1][0]], add_special_tokens=False)["input_ids"]
             prompt_ids = prompt_ids[-max_len:]  # keep the end: it holds the question and the generation prompt
         examples.append(
-            EvalExample(index, sample.location, shown_input(sample), input_ids, labels, prompt_ids, reference)
-        )
+            EvalExample(
+                index, sample.location, shown_input(sample), input_ids, labels, prompt_ids, reference,
+                baseline_input(sample),
+            )
+        )  # fmt: skip
     if not examples:
         raise DataSourceError(f"{source}: no example left to evaluate ({dropped} without a response token)")
     return EvalData(settings.split, source, len(samples), examples, truncated, dropped)
@@ -90,6 +95,16 @@ def split_samples(job: JobConfig, split: str) -> tuple[str, list[Sample]]:
             f"{data.train}: the run held nothing out (data.val_split 0, no data.eval); use --split test"
         )
     return f"{data.train} (val_split {data.val_split} holdout, seed {job.training.seed})", held_out
+
+
+def training_pairs(job: JobConfig) -> list[tuple[str, str]]:
+    """(input, answer) of every row training used: the train file less the holdout, as training split it."""
+    data = job.data
+    train = load_samples(data.train, data.format, max_rows=data.max_rows)
+    if data.eval is None:
+        train, _ = split_holdout(train, data.val_split, job.training.seed, source=data.train)
+    pairs = [(baseline_input(sample), reference_of(sample)) for sample in train]
+    return [(text, answer) for text, answer in pairs if answer is not None]
 
 
 def test_reference(train: str) -> str:

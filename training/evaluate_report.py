@@ -1,10 +1,10 @@
 """The files `lorafleet eval` writes into `<run>/report/`, each atomically, and the table it prints.
 
-eval.json              every number: base and finetuned side by side, delta, n, task, data, settings
-eval.md                a before/after table, the plots, a few generations side by side
+eval.json              every number: base, finetuned and baselines side by side, delta, verdict, n, task, data
+eval.md                a before/after table with the baselines, the verdict, the plots, a few generations
 eval_metrics.png       one small bar chart per metric (base vs fine-tuned)
-eval_scatter.png       numeric tasks: predicted vs true, log-log, base and fine-tuned side by side
-eval_generations.jsonl every example: input, reference, base answer, fine-tuned answer
+eval_scatter.png       numeric tasks: predicted vs true, log-log, base, fine-tuned and each baseline
+eval_generations.jsonl every example: input, reference, base answer, fine-tuned answer, baselines' answers
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.storage import write_bytes_atomic, write_text_atomic
+from lorafleet.training.evaluate_baselines import verdict_line
 from lorafleet.training.evaluate_metrics import (
     WITHIN_SHARE,
     is_improvement,
@@ -92,24 +93,28 @@ def change(key: str, base: Any, tuned: Any) -> str:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """The before/after table `lorafleet eval` prints."""
-    data = report["data"]
+    """The before/after table `lorafleet eval` prints, baselines beside, and the verdict against them."""
+    data, baselines = report["data"], report.get("baselines") or {}
     lines = [
         f"{report['run_id']}: {report['n']} examples of {data['source']} ({data['split']}), task {report['task']} "
         f"({report['task_source']})",
-        f"{'metric':<24}{'base':>12}{'fine-tuned':>12}  change",
+        f"{'metric':<24}{'base':>12}{'fine-tuned':>12}" + "".join(f"{name:>14}" for name in baselines) + "  change",
     ]
     for key, base, tuned in compared_metrics(report):
+        others = "".join(f"{format_value(baselines[name].get(key)):>14}" for name in baselines)
         lines.append(
-            f"{LABELS.get(key, key):<24}{format_value(base):>12}{format_value(tuned):>12}  {change(key, base, tuned)}"
+            f"{LABELS.get(key, key):<24}{format_value(base):>12}{format_value(tuned):>12}{others}  "
+            f"{change(key, base, tuned)}"
         )
     seconds = report["seconds"]
     lines.append(f"time: base {seconds['base']}s, fine-tuned {seconds['finetuned']}s, total {seconds['total']}s")
+    if "verdict" in report:
+        lines.append(verdict_line(report["verdict"]))
     return lines
 
 
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]], plots: list[str]) -> str:
-    data, settings = report["data"], report["settings"]
+    data, settings, baselines = report["data"], report["settings"], report.get("baselines") or {}
     lines = [
         f"# Evaluation of {report['run_id']}",
         "",
@@ -119,13 +124,19 @@ def markdown(report: dict[str, Any], rows: list[dict[str, Any]], plots: list[str
         f"({report['task_source']}). Greedy decoding, at most {settings['max_new_tokens']} new tokens, batches of "
         f"{settings['batch_size']}, {settings['device']} {settings['precision']}.",
         "",
-        "| metric | base | fine-tuned | change |",
-        "| --- | ---: | ---: | --- |",
+        "| metric | base | fine-tuned | " + "".join(f"{name} | " for name in baselines) + "change |",
+        "| --- | ---: | ---: | " + "---: | " * len(baselines) + "--- |",
     ]
     for key, base, tuned in compared_metrics(report):
+        others = "".join(f"{format_value(baselines[name].get(key))} | " for name in baselines)
         lines.append(
-            f"| {LABELS.get(key, key)} | {format_value(base)} | {format_value(tuned)} | {change(key, base, tuned)} |"
+            f"| {LABELS.get(key, key)} | {format_value(base)} | {format_value(tuned)} | {others}"
+            f"{change(key, base, tuned)} |"
         )
+    if baselines:
+        lines += ["", f"**{verdict_line(report.get('verdict'))}.**", ""]
+        lines.append("Baselines, fitted on the run's training rows and scored on the same examples:")
+        lines += [f"- `{name}`: {how}" for name, how in report.get("baseline_methods", {}).items()]
     if report["task"] == "numeric":
         lines += [
             "",
@@ -193,15 +204,18 @@ def metric_bars(report: dict[str, Any]) -> bytes:
 
 
 def price_scatter(rows: list[dict[str, Any]], report: dict[str, Any]) -> bytes:
-    """Predicted vs true, log-log, for base and fine-tuned; the ±20% band; unparseable answers counted."""
+    """Predicted vs true, log-log, for base, fine-tuned and each baseline; the ±20% band; unparseable counted."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True, sharey=True)
+    names = list(report.get("baselines") or {})
+    figure, axes = plt.subplots(1, 2 + len(names), figsize=(5 * (2 + len(names)), 4.6), sharex=True, sharey=True)
     truths = [parse_reference_number(row["reference"]) for row in rows]
     positive = [t for t in truths if t and t > 0]
     low, high = (min(positive), max(positive)) if positive else (1.0, 10.0)
-    panels = ((axes[0], "base", "base", "#9aa5b1"), (axes[1], "finetuned", "fine-tuned", "#2f6fdf"))
+    panels = [(axes[0], "base", "base", "#9aa5b1"), (axes[1], "finetuned", "fine-tuned", "#2f6fdf")]
+    panels += [(axis, name, f"baseline {name}", "#d08c2f") for axis, name in zip(axes[2:], names, strict=True)]
     for axis, key, title, color in panels:
-        guesses = [parse_answer_number(row[key] or "") for row in rows]
+        answers = [(row.get("baselines") or {}).get(key) if key in names else row[key] for row in rows]
+        guesses = [parse_answer_number(answer or "") for answer in answers]
         points = [(t, g) for t, g in zip(truths, guesses, strict=True) if t and g and t > 0 and g > 0]
         missing = sum(1 for g in guesses if g is None)
         not_positive = sum(1 for g in guesses if g is not None and g <= 0)
@@ -209,7 +223,7 @@ def price_scatter(rows: list[dict[str, Any]], report: dict[str, Any]) -> bytes:
             axis.scatter(*zip(*points, strict=True), s=14, alpha=0.7, color=color)
             low = min(low, *(g for _, g in points))
             high = max(high, *(g for _, g in points))
-        metrics = report[key]
+        metrics = report["baselines"][key] if key in names else report[key]
         note = f"{missing} unparseable" + (f", {not_positive} ≤ 0 not shown" if not_positive else "")
         mae = metrics.get("mae")
         within = metrics.get("within_20pct")

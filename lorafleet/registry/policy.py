@@ -6,6 +6,8 @@
     max_regression:             # relative to the version the alias points at now
       mae: 0.05                 # at most 5% worse (lower is better: inferred from the name or the bound)
       accuracy: {max: 0.02, lower_is_better: false}
+    beat_baseline:              # must beat the best baseline of its eval report by this share
+      mae: 0.1                  # at least 10% lower MAE than the best baseline (manifest `baselines.*.mae`)
     aliases: [prod]             # aliases the gate applies to (default: all)
 
 Write it by hand, or `lorafleet registry policy NAME --set thresholds.mae.max=20`. No file: no gate.
@@ -15,6 +17,7 @@ Metric names are the keys of the version's manifest `metrics` (`lorafleet regist
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -55,6 +58,9 @@ class PromotionPolicy(BaseModel):
 
     thresholds: dict[str, Bound] = Field(default_factory=dict)
     max_regression: dict[str, Regression] = Field(default_factory=dict)
+    beat_baseline: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="metric: margin (0.1 = 10% better than the best baseline; 0 = better)."
+    )
     aliases: list[str] | None = Field(None, description="Aliases the gate applies to; default: all.")
 
     @field_validator("max_regression", mode="before")
@@ -89,6 +95,7 @@ class PromotionPolicy(BaseModel):
                 failures.append(f"{metric} = {value:g} is below the minimum {bound.min:g}")
             elif bound.max is not None and value > bound.max:
                 failures.append(f"{metric} = {value:g} is above the maximum {bound.max:g}")
+        failures += self._baseline_failures(candidate)
         for metric, regression in self.max_regression.items():
             new, old = candidate.get(metric), (current or {}).get(metric)
             if current is None or old is None:
@@ -102,6 +109,32 @@ class PromotionPolicy(BaseModel):
                 failures.append(
                     f"{metric} = {new:g} regresses more than {regression.max:.0%} from {current_ref} ({old:g}; "
                     f"limit {limit:g}, {'lower' if lower else 'higher'} is better)"
+                )
+        return failures
+
+    def _baseline_failures(self, candidate: dict[str, float]) -> list[str]:
+        failures = []
+        for metric, margin in self.beat_baseline.items():
+            new = candidate.get(metric)
+            scored = {
+                key.split(".")[1]: value
+                for key, value in candidate.items()
+                if key.startswith("baselines.") and key.count(".") == 2 and key.endswith(f".{metric}")
+            }
+            if new is None or not scored:
+                failures.append(
+                    f"beat_baseline {metric}: the version's metrics have no {metric!r} and baselines.*.{metric} "
+                    "(evaluate it with `lorafleet eval`, eval.baselines not empty, before publishing)"
+                )
+                continue
+            lower = self.lower_is_better(metric)
+            best = (min if lower else max)(scored, key=scored.__getitem__)
+            value = scored[best]
+            limit = value - margin * abs(value) if lower else value + margin * abs(value)
+            if not ((new < limit) if lower else (new > limit)):
+                failures.append(
+                    f"{metric} = {new:g} does not beat the best baseline ({best}: {value:g}) by {margin:.0%} "
+                    f"(needs {'below' if lower else 'above'} {limit:g})"
                 )
         return failures
 

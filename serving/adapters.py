@@ -90,7 +90,7 @@ def inspect_adapter(name: str, path: str | Path, config: ServingConfig) -> Adapt
         try:
             require_intact(folder)
         except RegistryError as exc:
-            raise AdapterError(str(exc), param="lora_path", status=409) from None
+            raise AdapterError(str(exc), param="lora_path") from None
     for entry in folder.iterdir():  # every file read must be inside the folder, not a link to anywhere else
         real = entry.resolve()
         if entry.is_symlink() and not real.is_relative_to(folder):

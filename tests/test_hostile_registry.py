@@ -185,7 +185,7 @@ def test_a_tampered_version_is_refused_by_promote_serve_load_and_sync(good_adapt
     loading = ServingConfig(base=tiny_model_dir, adapter_roots=[str(storage)])
     with pytest.raises(AdapterError, match=expected) as refused:
         inspect_adapter("pricing", version, loading)
-    assert refused.value.status == 409
+    assert refused.value.status == 400
     desired = read_desired(SyncConfig(storage=str(storage), targets=["http://127.0.0.1:9"], adapters=["pricing"]))
     assert "pricing" not in desired.adapters and any(re.search(expected, e) for e in desired.errors), desired.errors
     result = run_cli("promote", "pricing", "v1", "--storage", str(storage), timeout=120)

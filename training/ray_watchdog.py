@@ -22,16 +22,38 @@ POLL_S = 1.0
 
 
 def start_watchdog() -> subprocess.Popen:
-    """The watchdog of this process; hand it the session with `watch_session`."""
+    """The watchdog of this process; hand it the session with `watch_session`.
+
+    At a normal exit Ray is shut down first (its own atexit hook, registered when Ray was imported, would run
+    after this one), then the pipe is closed and the watchdog awaited: it kills what the shutdown left (Ray's
+    agents) and exits.
+    """
+    import atexit
     import os
 
-    return subprocess.Popen(
+    watchdog = subprocess.Popen(
         [sys.executable, "-m", "lorafleet.training.ray_watchdog", str(os.getpid())],
         stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # a Ctrl-C of the driver's terminal must not stop the watchdog first
     )
+    atexit.register(stop_watchdog, watchdog)
+    return watchdog
+
+
+def stop_watchdog(watchdog: subprocess.Popen) -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        if watchdog.stdin is not None:
+            watchdog.stdin.close()
+        watchdog.wait(timeout=GRACE_S + 5)
+    except (OSError, subprocess.TimeoutExpired):
+        watchdog.kill()
+        watchdog.wait()
 
 
 def watch_session(watchdog: subprocess.Popen, session_dir: str) -> None:

@@ -330,17 +330,28 @@ def test_api_key(tiny_model_dir, adapter_dir):
 
 
 def test_queue_full_gives_429_with_retry_after(tiny_model_dir, adapter_dir):
-    config = config_for(tiny_model_dir, adapter_dir, max_batch_size=1, max_queue=1)
+    """One long request holds the only batch slot and one more may wait: every other request then gets a 429."""
+    config = config_for(tiny_model_dir, adapter_dir, max_batch_size=1, max_queue=1, max_model_len=2048)
+    config = config.model_copy(update={"max_tokens": 1500})
     with ServerThread(create_app(config)) as small:
-        body = {"model": "a", "prompt": "x", "max_tokens": 64, "temperature": 0, "ignore_eos": True}
+        long = {"model": "a", "prompt": "x", "max_tokens": 1500, "temperature": 0, "ignore_eos": True}
+        short = long | {"max_tokens": 4}
 
-        async def burst():
-            async with httpx.AsyncClient(base_url=small.url, timeout=60) as http:
-                return await asyncio.gather(*(http.post(COMPLETIONS, json=body) for _ in range(8)))
+        async def running_requests(http: httpx.AsyncClient) -> float:
+            lines = (await http.get("/metrics")).text.splitlines()
+            return sum(float(line.split()[-1]) for line in lines if line.startswith("lorafleet_running_requests"))
 
-        responses = asyncio.run(burst())
+        async def scenario():
+            async with httpx.AsyncClient(base_url=small.url, timeout=120) as http:
+                holding = asyncio.ensure_future(http.post(COMPLETIONS, json=long))
+                while await running_requests(http) < 1:  # the slot is taken before the burst arrives
+                    await asyncio.sleep(0.01)
+                burst = await asyncio.gather(*(http.post(COMPLETIONS, json=short) for _ in range(7)))
+                return [await holding, *burst]
+
+        responses = asyncio.run(scenario())
         statuses = sorted(r.status_code for r in responses)
-        assert set(statuses) == {200, 429} and statuses.count(200) >= 2, statuses
+        assert statuses == [200, 200] + [429] * 6, statuses  # the running one, the queued one, six refused
         rejected = [r for r in responses if r.status_code == 429]
         assert all(r.headers["retry-after"] == "1" for r in rejected)
         assert all(r.json()["error"]["type"] == "RateLimitError" for r in rejected)

@@ -1,5 +1,7 @@
-"""The HF Trainer as lorafleet runs it: evaluation also reports perplexity.
+"""The HF Trainer as lorafleet runs it: the LM head only where labels are, and evaluation reports perplexity.
 
+`labelled_logits` (training.logits: labelled) computes logits and loss only at labelled positions
+(training/labelled_logits.py); the loss and gradients are those of the full computation.
 `eval_perplexity = exp(eval_loss)` (mean token cross-entropy) joins the eval metrics before they are logged,
 so metrics.jsonl, TensorBoard/W&B/MLflow, early stopping and best-checkpoint selection all see it.
 """
@@ -10,6 +12,8 @@ import math
 
 from transformers import Trainer
 
+from lorafleet.training.labelled_logits import LabelledLogits
+
 MAX_EXPONENT = 700.0  # exp() overflows a float64 a little above 709
 
 
@@ -18,6 +22,18 @@ def perplexity(loss: float) -> float:
 
 
 class FineTuneTrainer(Trainer):
+    def __init__(self, *args, labelled_logits: LabelledLogits | None = None, **kwargs):
+        if labelled_logits is not None:
+            kwargs["compute_loss_func"] = labelled_logits.loss
+        super().__init__(*args, **kwargs)
+        self.labelled_logits = labelled_logits
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.labelled_logits is None or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        with self.labelled_logits.at(inputs["labels"]):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
     def evaluation_loop(self, *args, **kwargs):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")

@@ -70,6 +70,7 @@ def build_hf_trainer(
 
     from lorafleet.training.adapters import apply_adapter
     from lorafleet.training.data import Collator, build_datasets
+    from lorafleet.training.labelled_logits import LabelledLogits
     from lorafleet.training.model import load_base_model, load_tokenizer
     from lorafleet.training.packed_attention import use_packed_attention
     from lorafleet.training.strategies import quantized_storage_dtype, require_engine
@@ -93,6 +94,7 @@ def build_hf_trainer(
     model = apply_adapter(model, job.adapter)
     if rank == 0:
         model.print_trainable_parameters()
+    labelled_logits = LabelledLogits(model) if job.training.logits == "labelled" else None
 
     trainer = FineTuneTrainer(
         model=model,
@@ -102,6 +104,7 @@ def build_hf_trainer(
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=[*callbacks, *run_callbacks(job, run_id, run_dir, rank)],
+        labelled_logits=labelled_logits,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressReporter prints one line per log event instead
     require_engine(trainer, job.distributed.strategy)
@@ -169,6 +172,7 @@ def training_arguments(
         report_to="none",  # sinks are added as callbacks (training/sinks.py), on rank 0 only
         disable_tqdm=True,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # eval_loss is all the Trainer's evaluation reports; logits are not gathered
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         **strategy_arguments(job, deepspeed),

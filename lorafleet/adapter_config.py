@@ -37,6 +37,12 @@ class LoraSection(Section):
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     target_modules: TargetModules = "all-linear"
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (steadier at high rank).")
+    top_layers: int | None = Field(
+        None,
+        gt=0,
+        description="Adapt only the last N decoder layers (default: all). Backward stops below the lowest "
+        "adapted layer, so a step costs less (the last third: ~1.8x the tokens/s on CPU).",
+    )
 
 
 class DoraSection(LoraSection):

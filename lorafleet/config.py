@@ -110,6 +110,11 @@ class TrainingSection(Section):
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")
     logging_steps: int = Field(1, gt=0, description="Report metrics every N steps.")
+    logits: Literal["labelled", "all"] = Field(
+        "labelled",
+        description="Where the LM head runs: only at positions whose next token is a label (the same loss and "
+        "gradients, fewer FLOPs), or at every position.",
+    )
     seed: int = Field(42, ge=0)
     logging: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=lambda: ["tensorboard"], description="Metric sinks besides metrics.jsonl."

@@ -209,3 +209,35 @@ def test_a_section_without_method_is_lora(tmp_path: Path) -> None:
     job = tiny_job(tmp_path, adapter={"r": 4})
     assert (job.adapter.method, job.adapter.r, job.adapter.alpha) == ("lora", 4, 16)
     assert tiny_job(tmp_path, adapter={"method": "dora"}).adapter.r == 8
+
+
+def test_top_layers_adapts_only_the_last_layers_and_backward_stops_below_them(
+    tmp_path: Path, tiny_model_dir: str
+) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lorafleet.training.adapters import apply_adapter
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layers = base.config.num_hidden_layers
+    assert layers >= 2
+    job = tiny_job(tmp_path, adapter={"method": "lora", "r": 4, "top_layers": 1})
+    model = apply_adapter(base, job.adapter)
+    adapted = {name.split(".layers.")[1].split(".")[0] for name, _ in model.named_parameters() if "lora_A" in name}
+    assert adapted == {str(layers - 1)}, adapted
+    seen = {}
+    decoder_layers = model.get_base_model().model.layers
+    decoder_layers[0].register_forward_hook(lambda module, args, output: seen.update(first=output))
+    decoder_layers[-1].register_forward_hook(lambda module, args, output: seen.update(last=output))
+    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    first, last = (seen[key][0] if isinstance(seen[key], tuple) else seen[key] for key in ("first", "last"))
+    assert not first.requires_grad and last.requires_grad  # nothing below the adapted layer is differentiated
+    model.save_pretrained(tmp_path / "top")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "top")
+    assert reloaded.peft_config["default"].layers_to_transform == [layers - 1]
+
+    too_many = tiny_job(tmp_path, adapter={"method": "lora", "top_layers": layers + 1})
+    with pytest.raises(LorafleetError, match=f"adapter.top_layers: {layers + 1} is more than the model's {layers}"):
+        apply_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), too_many.adapter)

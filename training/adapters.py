@@ -63,7 +63,20 @@ def _lora(adapter: LoraSection, model: torch.nn.Module):
         target_modules=resolve_target_modules(adapter, model),
         use_dora=isinstance(adapter, DoraSection),
         use_rslora=adapter.use_rslora,
+        layers_to_transform=top_layer_indices(adapter, model),
     )
+
+
+def top_layer_indices(adapter: LoraSection, model: torch.nn.Module) -> list[int] | None:
+    """The indices of the last `adapter.top_layers` decoder layers; None (every layer) when it is not set."""
+    if adapter.top_layers is None:
+        return None
+    layers = getattr(model.config, "num_hidden_layers", None)
+    if layers is None:
+        raise LorafleetError("adapter.top_layers: the model's config has no num_hidden_layers to count from")
+    if adapter.top_layers > layers:
+        raise LorafleetError(f"adapter.top_layers: {adapter.top_layers} is more than the model's {layers} layers")
+    return list(range(layers - adapter.top_layers, layers))
 
 
 def _prefix_tuning(adapter: PrefixTuningSection, model: torch.nn.Module):

@@ -9,6 +9,9 @@
 Tasks (alpaca rows, see `lorafleet.demo_tasks`):
 - `price`: product description → price ("$123.45"), after a hidden multiplicative pricing rule plus noise.
 - `support`: support ticket → "Category: <category>\\nReply: <one sentence>".
+Views (the same rows in another format, written beside them):
+- `price-completion`: completion rows, "<description>\\nPrice:" → " $123.45" (about half the tokens of the
+  alpaca rows through SmolLM2's chat template, whose default system prompt alone is 16 tokens).
 
 The same seed gives byte-identical files, so every Ray worker that resolves `builtin:price` on its own node
 reads the same rows. Files are written atomically: concurrent generators just replace identical content.
@@ -32,6 +35,15 @@ SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
+class View:
+    """A task's rows reshaped into another format (same rows, same order, same split)."""
+
+    name: str
+    task: str
+    reshape: Callable[[dict[str, str]], dict[str, str]]
+
+
+@dataclass(frozen=True)
 class DemoTask:
     """One demo task: how to draw a row, and how many rows each split gets."""
 
@@ -49,6 +61,7 @@ TASKS = {
     )
 }
 DEMO_TASKS = tuple(TASKS)
+VIEWS = {view.name: view for view in (View("price-completion", "price", price.as_completion),)}
 
 
 GENERATOR_VERSION = 1  # bump when the generated rows change, so cached copies are not reused
@@ -59,16 +72,23 @@ def default_demo_dir() -> Path:
 
 
 def make_demo_datasets(out_dir: Path | None, seed: int = 0) -> dict[str, dict[str, Path]]:
-    """Write `<out_dir>/<task>/{train,test}.jsonl` for every demo task; default folder: the data cache."""
+    """Write `<out_dir>/<task or view>/{train,test}.jsonl` for every demo task and view; default: the data cache."""
     root = out_dir if out_dir is not None else default_demo_dir()
     written: dict[str, dict[str, Path]] = {}
+
+    def write(name: str, splits: dict[str, list[dict[str, str]]]) -> None:
+        written[name] = {}
+        for split, rows in splits.items():
+            path = root / name / f"{split}.jsonl"
+            write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+            written[name][split] = path
+
     for task in TASKS.values():
         splits = make_splits(task, seed)
-        written[task.name] = {}
-        for split, rows in splits.items():
-            path = root / task.name / f"{split}.jsonl"
-            write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
-            written[task.name][split] = path
+        write(task.name, splits)
+        for view in VIEWS.values():
+            if view.task == task.name:
+                write(view.name, {split: [view.reshape(row) for row in rows] for split, rows in splits.items()})
     return written
 
 
@@ -86,16 +106,18 @@ def make_splits(task: DemoTask, seed: int) -> dict[str, list[dict[str, str]]]:
 
 
 def builtin_dataset_names() -> list[str]:
-    return [f"{BUILTIN_PREFIX}{task}{suffix}" for task in DEMO_TASKS for suffix in ("", "/test")]
+    return [f"{BUILTIN_PREFIX}{name}{suffix}" for name in (*DEMO_TASKS, *VIEWS) for suffix in ("", "/test")]
 
 
 def resolve_builtin_dataset(reference: str) -> Path:
-    """The file behind `builtin:<task>` (train) or `builtin:<task>/test`; generated with seed 0 if missing."""
-    task, _, split = reference.removeprefix(BUILTIN_PREFIX).partition("/")
+    """The file behind `builtin:<task or view>` (train) or `builtin:<task or view>/test`; generated with seed 0
+    if missing."""
+    name, _, split = reference.removeprefix(BUILTIN_PREFIX).partition("/")
     split = split or "train"
-    if not reference.startswith(BUILTIN_PREFIX) or task not in TASKS or split not in SPLITS:
+    known = name in TASKS or name in VIEWS
+    if not reference.startswith(BUILTIN_PREFIX) or not known or split not in SPLITS:
         raise LorafleetError(f"unknown builtin dataset {reference!r}; known: {', '.join(builtin_dataset_names())}")
-    path = default_demo_dir() / task / f"{split}.jsonl"
+    path = default_demo_dir() / name / f"{split}.jsonl"
     if not path.is_file():
         make_demo_datasets(None, seed=0)
     return path

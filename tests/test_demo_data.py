@@ -65,7 +65,8 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path:
     first = make_demo_datasets(tmp_path / "a", seed=7)
     again = make_demo_datasets(tmp_path / "b", seed=7)
     other = make_demo_datasets(tmp_path / "c", seed=8)
-    assert list(first) == list(DEMO_TASKS) == ["price", "support"]
+    assert list(DEMO_TASKS) == ["price", "support"]
+    assert list(first) == ["price", "price-completion", "support"]  # each task, then its views
     for task, files in first.items():
         assert set(files) == {"train", "test"}
         for split, path in files.items():
@@ -196,7 +197,14 @@ def test_unknown_builtin_dataset_lists_the_known_names(reference: str) -> None:
         resolve_builtin_dataset(reference)
     for name in builtin_dataset_names():
         assert name in str(caught.value)
-    assert builtin_dataset_names() == ["builtin:price", "builtin:price/test", "builtin:support", "builtin:support/test"]
+    assert builtin_dataset_names() == [
+        "builtin:price",
+        "builtin:price/test",
+        "builtin:support",
+        "builtin:support/test",
+        "builtin:price-completion",
+        "builtin:price-completion/test",
+    ]
 
 
 # --- lorafleet data make-demo ---------------------------------------------------------------------------------
@@ -208,7 +216,23 @@ def test_make_demo_cli_prints_the_paths(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["data", "make-demo", "--out", str(tmp_path), "--seed", "1"])
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
+    written = ("price", "price-completion", "support")  # each task, then its views
     assert lines == [
-        f"{task}/{split}\t{tmp_path / task / f'{split}.jsonl'}" for task in DEMO_TASKS for split in ("train", "test")
+        f"{name}/{split}\t{tmp_path / name / f'{split}.jsonl'}" for name in written for split in ("train", "test")
     ]
     assert read_rows(tmp_path / "price" / "test.jsonl") == make_splits(TASKS["price"], seed=1)["test"]
+
+
+def test_the_completion_view_holds_the_same_rows_in_fewer_tokens(tmp_path: Path) -> None:
+    """builtin:price-completion: the price rows, same order and split, as "<description>\\nPrice:" -> " $123.45"."""
+    from lorafleet.demo_data import VIEWS
+
+    make_demo_datasets(tmp_path, seed=0)
+    assert set(VIEWS) == {"price-completion"}
+    for split in ("train", "test"):
+        rows, view = (
+            read_rows(tmp_path / "price" / f"{split}.jsonl"),
+            read_rows(tmp_path / "price-completion" / f"{split}.jsonl"),
+        )
+        assert view == [{"prompt": f"{row['input']}\nPrice:", "completion": f" {row['output']}"} for row in rows]
+    assert resolve_builtin_dataset("builtin:price-completion/test").parent.name == "price-completion"

@@ -17,6 +17,7 @@ import random
 from typing import NamedTuple
 
 INSTRUCTION = "Estimate the price of this product in US dollars."
+COMPLETION_CUE = "Price:"
 NOISE_SIGMA = 0.12  # about +-12 %: the floor that even a perfect model of the rule cannot beat
 MIN_PRICE = 1.0
 
@@ -120,6 +121,11 @@ def make_row(rng: random.Random) -> dict[str, str]:
     price = max(MIN_PRICE, price * rng.lognormvariate(0.0, NOISE_SIGMA))
     text = _describe(rng, brand, rng.choice(size_words), material, kind, features)
     return {"instruction": INSTRUCTION, "input": text, "output": f"${price:.2f}"}
+
+
+def as_completion(row: dict[str, str]) -> dict[str, str]:
+    """The same row as a completion: the description, then "Price:", answered with " $123.45"."""
+    return {"prompt": f"{row['input']}\n{COMPLETION_CUE}", "completion": f" {row['output']}"}
 
 
 def _describe(rng: random.Random, brand: str, size: str, material: str, kind: str, features: list[str]) -> str:

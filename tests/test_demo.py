@@ -19,11 +19,12 @@ pytestmark = pytest.mark.slow
 
 def tiny_demo_configs(folder: Path) -> Path:
     tiny = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
-    for name, config_file, dataset in (
-        ("price", "demo.yaml", "builtin:price"),
-        ("support", "demo-support.yaml", "builtin:support"),
+    for name, config_file, dataset, data_format in (
+        ("price", "demo.yaml", "builtin:price-completion", "completion"),  # as configs/demo.yaml
+        ("support", "demo-support.yaml", "builtin:support", "alpaca"),
     ):
-        job = {**tiny, "name": name, "data": {**tiny["data"], "train": dataset, "max_rows": 200}}
+        data = {**tiny["data"], "train": dataset, "format": data_format, "max_rows": 200}
+        job = {**tiny, "name": name, "data": data}
         job["training"] = {**tiny["training"], "max_steps": 6}
         (folder / config_file).write_text(yaml.safe_dump(job))
     return folder
@@ -44,6 +45,7 @@ def test_demo_trains_evaluates_publishes_serves_and_answers(tmp_path: Path) -> N
         manifest = json.loads((storage / "adapters" / name / "v1" / "manifest.json").read_text())
         assert len(manifest["data_hash"]) == 64 and manifest["run_id"] == f"demo-{name}"
         assert f"[{name}]" in result.stdout, result.stdout[-3000:]
+    assert "[price] (completions)" in result.stdout and "[support] (chat completions)" in result.stdout
     assert "served models:" in result.stdout and "price" in result.stdout and "support" in result.stdout
     assert result.stdout.count("→ fine-tuned: ") == 2 and result.stdout.count("→ base model: ") == 2, result.stdout
     assert f"{storage}/runs/demo-price/report/eval.md" in result.stdout

@@ -15,20 +15,35 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import typer
 
+from lorafleet.config import load_job_config
+from lorafleet.demo_tasks import price
 from lorafleet.errors import LorafleetError
 from lorafleet.paths import default_storage_uri, shipped_configs_dir
 from lorafleet.runs import is_finished
 from lorafleet.serving.server import free_port
 
+PRICE_QUESTION = "Lumora's large standing desk made of solid oak. It offers a built-in cable tray and a motorized lift."
 DEMO_JOBS = (("price", "demo.yaml"), ("support", "demo-support.yaml"))
+
+
+class Question(NamedTuple):
+    chat: str  # asked through chat completions, for adapters trained on alpaca or chat rows
+    completion: str | None = None  # asked through completions, for adapters trained on completion rows
+
+
 QUESTIONS = {
-    "price": "Estimate the price of this product in US dollars.\n\n"
-    "Lumora's large standing desk made of solid oak. It offers a built-in cable tray and a motorized lift.",
-    "support": "Classify this support ticket and write a one-sentence reply.\n\n"
-    "Hi, I was charged twice for order #482913 this morning. Please fix this.",
+    "price": Question(
+        chat=f"{price.INSTRUCTION}\n\n{PRICE_QUESTION}",
+        completion=f"{PRICE_QUESTION}\n{price.COMPLETION_CUE}",
+    ),
+    "support": Question(
+        "Classify this support ticket and write a one-sentence reply.\n\n"
+        "Hi, I was charged twice for order #482913 this morning. Please fix this."
+    ),
 }
 
 
@@ -45,6 +60,7 @@ def demo(
     """Train, evaluate, publish and serve the two demo adapters, then ask each a question."""
     storage = storage or default_storage_uri()
     run_ids: dict[str, str] = {}
+    formats = {name: load_job_config(configs / config_file).data.format for name, config_file in DEMO_JOBS}
     for name, config_file in DEMO_JOBS:
         run_ids[name] = run_id = f"demo-{name}"
         if is_finished(Path(storage) / "runs" / run_id):
@@ -59,7 +75,7 @@ def demo(
     port = port or free_port()
     server = _start_server(storage, ",".join(run_ids), port)
     try:
-        _ask_each_adapter(port, list(run_ids))
+        _ask_each_adapter(port, formats)
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -96,19 +112,27 @@ def _start_server(storage: str, adapters: str, port: int) -> subprocess.Popen:
     raise LorafleetError("the demo server did not become healthy within 300 s")
 
 
-def _ask_each_adapter(port: int, adapters: list[str]) -> None:
+def _ask_each_adapter(port: int, formats: dict[str, str]) -> None:
+    """Each adapter and the base get the demo's question, through the API that matches the adapter's data format."""
     from openai import OpenAI
 
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
     listed = client.models.list().data
     typer.echo(f"\nserved models: {', '.join(model.id for model in listed)}")
     base = next(model.id for model in listed if not (model.model_extra or {}).get("parent"))  # adapters have one
-    for adapter in adapters:
+    for adapter, data_format in formats.items():
         question = QUESTIONS[adapter]
-        typer.secho(f"\n[{adapter}] {question}", fg="cyan")
+        as_completion = data_format == "completion" and question.completion is not None
+        prompt = question.completion if as_completion else question.chat
+        api = "completions" if as_completion else "chat completions"
+        typer.secho(f"\n[{adapter}] ({api}) {prompt}", fg="cyan")
         for model in (adapter, base):
-            answer = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": question}], max_tokens=48, temperature=0
-            )
+            if as_completion:
+                reply = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0, stop=["\n"])
+                answer = reply.choices[0].text
+            else:
+                messages = [{"role": "user", "content": prompt}]
+                reply = client.chat.completions.create(model=model, messages=messages, max_tokens=48, temperature=0)
+                answer = reply.choices[0].message.content
             label = "fine-tuned" if model == adapter else "base model"
-            typer.echo(f"→ {label}: {answer.choices[0].message.content.strip()}")
+            typer.echo(f"→ {label}: {answer.strip()}")

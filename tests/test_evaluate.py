@@ -81,14 +81,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cli_report(trained_run: Path) -> dict:
+def cli_eval(trained_run: Path):
     result = run_cli("eval", str(trained_run), "--max-examples", "12", "--max-new-tokens", "10")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "fine-tuned" in result.stdout and "MAE" in result.stdout, result.stdout
     assert "generate base" in result.stderr, "no progress bar"
-    assert (
-        "the fine-tune beats the best baseline" in result.stdout or "does NOT beat the best baseline" in result.stdout
-    )
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_report(trained_run: Path, cli_eval) -> dict:
     return json.loads((trained_run / "report" / "eval.json").read_text())
 
 
@@ -191,6 +193,48 @@ def test_eval_report_has_every_section_and_plot(trained_run: Path, cli_report: d
     rows = [json.loads(line) for line in (report_dir / "eval_generations.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and all(row["reference"].startswith("$") for row in rows)
     assert all(set(row["baselines"]) == {"median", "tfidf_ridge"} for row in rows)
+
+
+def test_a_fine_tune_that_learned_only_the_answer_format_does_not_beat_the_constant(cli_eval, cli_report) -> None:
+    """The tiny random model after a few steps answers with prices (the format) but not the right ones."""
+    tuned, constant = cli_report["finetuned"], cli_report["baselines"]["median"]
+    assert tuned["unparseable"] < cli_report["n"] / 2, tuned  # it answers with numbers
+    assert cli_report["base"]["unparseable"] > tuned["unparseable"]  # which the base did not
+    assert tuned["mae"] > constant["mae"], (tuned["mae"], constant["mae"])
+    judged = cli_report["verdict"]
+    assert judged["beats"] is False and judged["baseline"] <= constant["mae"]
+    assert judged["ratios"]["median"] == pytest.approx(tuned["mae"] / constant["mae"])
+    line = next(line for line in cli_eval.stdout.splitlines() if "best baseline" in line)
+    assert line.startswith("the fine-tune does NOT beat the best baseline"), line
+    assert f"mae {tuned['mae']:.4g} vs" in line, line
+    to_constant = (
+        f"({judged['ratio']:.2f}x)"
+        if judged["best_baseline"] == "median"
+        else f"{judged['ratios']['median']:.2f}x median"
+    )
+    assert to_constant in line, line
+
+
+def test_the_promotion_gate_refuses_a_version_that_does_not_beat_the_best_baseline(
+    trained_run: Path, cli_report: dict
+) -> None:
+    storage = str(trained_run.parent.parent)
+    cli = ("--storage", storage)
+    published = run_cli("publish", str(trained_run), "--name", "tiny-price", *cli)
+    assert published.returncode == 0, published.stderr
+    from lorafleet.registry import resolve
+
+    manifest = resolve(storage, "tiny-price@v1").manifest
+    for name, metrics in cli_report["baselines"].items():
+        assert manifest.metrics[f"baselines.{name}.mae"] == metrics["mae"]  # the manifest records them
+    gate = run_cli("registry", "policy", "tiny-price", "--set", "beat_baseline.mae=0.1", *cli)
+    assert gate.returncode == 0, gate.stderr
+    refused = run_cli("promote", "tiny-price", "v1", *cli)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "does not beat the best baseline" in refused.stderr, refused.stderr
+    loose = run_cli("registry", "policy", "tiny-price", "--set", "beat_baseline={}", *cli)
+    assert loose.returncode == 0, loose.stderr
+    assert run_cli("promote", "tiny-price", "v1", *cli).returncode == 0  # the same version, no value gate
 
 
 def test_base_and_finetuned_differ_on_the_same_examples(trained_run: Path, cli_report: dict) -> None:

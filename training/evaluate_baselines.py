@@ -151,8 +151,9 @@ def verdict(task: str, finetuned: dict[str, Any], baselines: dict[str, dict[str,
     value = scored[best]
     beats = tuned < value if lower else tuned > value
     ratio = tuned / value if value else None
+    ratios = {name: tuned / score for name, score in scored.items() if score}
     return {"metric": metric, "finetuned": tuned, "best_baseline": best, "baseline": value, "beats": beats,
-            "ratio": ratio, "lower_is_better": lower}  # fmt: skip
+            "ratio": ratio, "ratios": ratios, "lower_is_better": lower}  # fmt: skip
 
 
 def verdict_line(found: dict[str, Any] | None) -> str:
@@ -160,6 +161,7 @@ def verdict_line(found: dict[str, Any] | None) -> str:
         return "baselines: none scored (eval.baselines, or no task metrics)"
     metric, tuned, best, value = found["metric"], found["finetuned"], found["best_baseline"], found["baseline"]
     ratio = f" ({found['ratio']:.2f}x)" if found["ratio"] is not None else ""
-    if found["beats"]:
-        return f"the fine-tune beats the best baseline ({best}): {metric} {tuned:.4g} vs {value:.4g}{ratio}"
-    return f"the fine-tune does NOT beat the best baseline ({best}): {metric} {tuned:.4g} vs {value:.4g}{ratio}"
+    beats = "beats" if found["beats"] else "does NOT beat"
+    line = f"the fine-tune {beats} the best baseline ({best}): {metric} {tuned:.4g} vs {value:.4g}{ratio}"
+    others = [f"{ratio:.2f}x {name}" for name, ratio in found.get("ratios", {}).items() if name != best]
+    return line + (f"; and {', '.join(others)}" if others else "")

@@ -39,7 +39,6 @@ CHECKPOINT_ONLY_FILES = re.compile(
 
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of committed checkpoints
-WATCHDOGS: list = []  # the embedded Ray's watchdog processes (training/ray_watchdog.py)
 
 
 class TrainingFailed(LorafleetError):
@@ -213,7 +212,6 @@ def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False) -> 
         return
     cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
     watchdog = start_watchdog()  # kills what ray.init starts if this process dies, even by SIGKILL
-    WATCHDOGS.append(watchdog)  # its pipe must stay open for as long as this process lives
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
         include_dashboard=True,  # Ray Train's controller watches itself through the state API it serves

@@ -96,6 +96,7 @@ def check_version(
     except RegistryError as exc:
         return [(MANIFEST, str(exc))]
     problems: list[tuple[str | None, str]] = []
+    root = folder.resolve()
     if name is not None and (manifest.name, manifest.version) != (name, version):
         problems.append((MANIFEST, f"says {manifest.name}@{manifest.version}, but lives in {name}/{version}"))
     for relative, expected in sorted(manifest.files.items()):
@@ -103,12 +104,12 @@ def check_version(
             problems.append((relative, "manifest names a path outside the version folder"))
             continue
         path = folder / relative
-        if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+        if path.is_symlink() or not path.resolve().is_relative_to(root):
             problems.append((relative, "is a link: versions hold regular files only"))
         elif not path.is_file():
             problems.append((relative, "missing"))
-        elif path.stat().st_size != expected.size:
-            problems.append((relative, f"size {path.stat().st_size} != {expected.size} in the manifest (modified)"))
+        elif (size := path.stat().st_size) != expected.size:
+            problems.append((relative, f"size {size} != {expected.size} in the manifest (modified)"))
         elif hash_of(path) != expected.sha256:
             problems.append((relative, "sha256 does not match the manifest (modified)"))
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):

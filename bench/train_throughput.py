@@ -236,7 +236,7 @@ def trl_arm(job_path: Path, threads: int, warmup: int) -> dict:
 
     from lorafleet.config import JobConfig
     from lorafleet.models import resolve_model
-    from lorafleet.training.adapters import top_layer_indices
+    from lorafleet.training.adapters import resolve_target_modules, top_layer_indices
     from lorafleet.training.data import build_datasets
 
     torch.set_num_threads(threads)
@@ -270,7 +270,7 @@ def trl_arm(job_path: Path, threads: int, warmup: int) -> dict:
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
-        target_modules="all-linear",
+        target_modules=resolve_target_modules(adapter, model),  # all linear layers, as a list PEFT can restrict
         layers_to_transform=top_layer_indices(adapter, model),  # the same layers as lorafleet's arms
         task_type="CAUSAL_LM",
     )

@@ -150,8 +150,8 @@ def verdict(task: str, finetuned: dict[str, Any], baselines: dict[str, dict[str,
     best = (min if lower else max)(scored, key=scored.__getitem__)
     value = scored[best]
     beats = tuned < value if lower else tuned > value
-    ratio = tuned / value if value else None
     ratios = {name: tuned / score for name, score in scored.items() if score}
+    ratio = ratios.get(best)
     return {"metric": metric, "finetuned": tuned, "best_baseline": best, "baseline": value, "beats": beats,
             "ratio": ratio, "ratios": ratios, "lower_is_better": lower}  # fmt: skip
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from lorafleet.training.data_packing import IGNORE_INDEX
 
 
 class LabelledLogits:
@@ -35,15 +35,16 @@ class LabelledLogits:
             raise ValueError("training.logits: labelled needs a model with an output embedding (an LM head)")
         self._positions: torch.Tensor | None = None
         self._targets: torch.Tensor | None = None
-        self._hook = head.register_forward_pre_hook(self._select)
+        head.register_forward_pre_hook(self._select)
 
     @contextmanager
     def at(self, labels: torch.Tensor) -> Iterator[None]:
         """Compute the head only at the positions whose next token in `labels` is not IGNORE_INDEX."""
         following = labels[:, 1:]
-        mask = F.pad(following != IGNORE_INDEX, (0, 1), value=False)  # the last position predicts nothing
+        labelled = following != IGNORE_INDEX
+        mask = F.pad(labelled, (0, 1), value=False)  # the last position predicts nothing
         self._positions = mask.flatten().nonzero().squeeze(1)
-        self._targets = following[following != IGNORE_INDEX]
+        self._targets = following[labelled]
         try:
             yield
         finally:
@@ -67,6 +68,3 @@ class LabelledLogits:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(logits.device)
         return F.cross_entropy(logits, targets, reduction="sum") / num_items_in_batch
-
-    def remove(self) -> None:
-        self._hook.remove()

@@ -9,6 +9,7 @@ so metrics.jsonl, TensorBoard/W&B/MLflow, early stopping and best-checkpoint sel
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 from transformers import Trainer
 
@@ -29,9 +30,8 @@ class FineTuneTrainer(Trainer):
         self.labelled_logits = labelled_logits
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.labelled_logits is None or "labels" not in inputs:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        with self.labelled_logits.at(inputs["labels"]):
+        labelled = self.labelled_logits is not None and "labels" in inputs
+        with self.labelled_logits.at(inputs["labels"]) if labelled else nullcontext():
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def evaluation_loop(self, *args, **kwargs):

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
 from lorafleet.names import is_valid_run_id
-from lorafleet.storage import StorageRoot, local_path_of, write_text_atomic
+from lorafleet.storage import StorageFolder, StorageRoot
 
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "run.json"
@@ -68,13 +68,25 @@ class DataRecord(BaseModel):
     data_hash: str = ""
 
 
+class SweepTrial(BaseModel):
+    """A run that is a trial of a sweep: the sweep, the trial's number and the values it was given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sweep_id: str
+    trial: int
+    parameters: dict[str, Any]
+    metric: str
+
+
 class RunRecord(BaseModel):
-    """`run.json`: how a run ended. A failed run has `error`; a succeeded one its steps, loss and adapter."""
+    """`run.json`: how a run ended. A failed run has `error`; a succeeded one its steps, loss and adapter;
+    a stopped one (a sweep's scheduler stopped it early) the adapter of its last checkpoint."""
 
     model_config = ConfigDict(extra="forbid")
 
     run_id: str
-    status: Literal["succeeded", "failed"]
+    status: Literal["succeeded", "stopped", "failed"]
     error: str | None = None
     run_dir: str | None = None
     global_step: int | None = None
@@ -83,6 +95,7 @@ class RunRecord(BaseModel):
     seconds: float | None = None
     config_hash: str | None = None
     data: DataRecord | None = None
+    sweep: SweepTrial | None = None
 
     @property
     def succeeded(self) -> bool:
@@ -93,51 +106,20 @@ class RunRecord(BaseModel):
         return (self.data.data_hash if self.data else None) or None
 
 
-class RunFolder:
+class RunFolder(StorageFolder):
     """One run's folder at a storage URI (a local path or an object store), read and written by name."""
 
     def __init__(self, uri: str):
-        self.uri = uri.rstrip("/")
+        super().__init__(uri)
         self.run_id = self.uri.rsplit("/", 1)[-1]
 
     @classmethod
     def of(cls, storage_uri: str, run_id: str) -> RunFolder:
         return cls(StorageRoot(storage_uri).run_dir(validate_run_id(run_id)))
 
-    def __str__(self) -> str:
-        return self.uri
-
-    @property
-    def local(self) -> Path | None:
-        return local_path_of(self.uri)
-
     @property
     def adapter_uri(self) -> str:
         return f"{self.uri}/{ADAPTER_DIR}"
-
-    def read_text(self, name: str) -> str | None:
-        local = self.local
-        if local is not None:
-            path = local / name
-            return path.read_text(encoding="utf-8") if path.is_file() else None
-        import pyarrow.fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(f"{self.uri}/{name}")
-        if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-            return None
-        with filesystem.open_input_stream(path) as stream:
-            return stream.read().decode()
-
-    def write_text(self, name: str, text: str) -> None:
-        local = self.local
-        if local is not None:
-            write_text_atomic(local / name, text)
-            return
-        import pyarrow.fs as pafs
-
-        filesystem, path = pafs.FileSystem.from_uri(f"{self.uri}/{name}")
-        with filesystem.open_output_stream(path) as stream:
-            stream.write(text.encode())
 
     def config_text(self) -> str | None:
         return self.read_text(CONFIG_FILE)

@@ -50,6 +50,47 @@ def local_path_of(uri: str) -> Path | None:
     return root.local_path if root.is_local else None
 
 
+class StorageFolder:
+    """A folder at a storage URI (a local path or an object store) whose files are read and written by name."""
+
+    def __init__(self, uri: str):
+        self.uri = uri.rstrip("/")
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def local(self) -> Path | None:
+        return local_path_of(self.uri)
+
+    def read_text(self, name: str) -> str | None:
+        local = self.local
+        if local is not None:
+            path = local / name
+            return path.read_text(encoding="utf-8") if path.is_file() else None
+        import pyarrow.fs as pafs
+
+        filesystem, path = pafs.FileSystem.from_uri(f"{self.uri}/{name}")
+        if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
+            return None
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read().decode()
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        local = self.local
+        if local is not None:
+            write_bytes_atomic(local / name, data)
+            return
+        import pyarrow.fs as pafs
+
+        filesystem, path = pafs.FileSystem.from_uri(f"{self.uri}/{name}")
+        with filesystem.open_output_stream(path) as stream:  # one PUT: atomic on object stores
+            stream.write(data)
+
+    def write_text(self, name: str, text: str) -> None:
+        self.write_bytes(name, text.encode("utf-8"))
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers never see a partial file, even after a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from lorafleet.paths import home
-from lorafleet.runs import RunFolder
+from lorafleet.storage import StorageFolder
 
 LOG_FILE = "logs/train.log"
 CHATTY_LOGGERS = ("ray", "DeepSpeed", "deepspeed", "transformers", "bitsandbytes", "accelerate", "torch", "py.warnings")
@@ -49,11 +49,14 @@ class LazyLog:
 
 
 class RunConsole:
-    def __init__(self, folder: RunFolder, *, verbose: bool = False):
-        self.mark = f"[{folder.run_id}] "
+    """The console of a run (or of a sweep: `folder` is then the sweep's, `name` its id)."""
+
+    def __init__(self, folder: StorageFolder, *, verbose: bool = False, name: str | None = None):
+        name = name or folder.uri.rsplit("/", 1)[-1]
+        self.mark = f"[{name}] "
         self.verbose = verbose
         local = folder.local
-        self.log_path = (local / LOG_FILE) if local is not None else home() / "logs" / f"{folder.run_id}.log"
+        self.log_path = (local / LOG_FILE) if local is not None else home() / "logs" / f"{name}.log"
         self._log = LazyLog(self.log_path)
         self._handler = logging.StreamHandler(self._log)
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

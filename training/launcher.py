@@ -25,6 +25,7 @@ from lorafleet.runs import (
     DataRecord,
     RunFolder,
     RunRecord,
+    SweepTrial,
     new_run_id,
     validate_run_id,
 )
@@ -52,53 +53,69 @@ def run_training(
 
     The console shows lorafleet's lines; Ray's and the libraries' go to the run's log (all of it with `verbose`).
     """
-    run_id = validate_run_id(run_id or new_run_id(job.name))
-    folder = RunFolder.of(job.storage.uri, run_id)
+    folder, resuming = open_run_folder(job, run_id or new_run_id(job.name))
+    console = RunConsole(folder, verbose=verbose)
+    console.start()
+    try:
+        return _train(job, folder, resuming, address=address, console=console)
+    finally:
+        console.stop()
+
+
+def run_trial(job: JobConfig, run_id: str, *, callbacks: list, sweep: SweepTrial) -> RunRecord:
+    """One trial of a sweep, inside its Ray Tune trial: the same run as `run_training`, on the Ray already up;
+    `callbacks` (Ray Train's) hand each report to Tune. Its output goes where the sweep's driver sends it."""
+    folder, resuming = open_run_folder(job, run_id)
+    return _train(job, folder, resuming, address="auto", console=None, callbacks=callbacks, sweep=sweep)
+
+
+def open_run_folder(job: JobConfig, run_id: str) -> tuple[RunFolder, bool]:
+    """The run's folder, and whether the run resumes (its folder holds the same config)."""
+    folder = RunFolder.of(job.storage.uri, validate_run_id(run_id))
     previous = folder.read_config() if folder.config_text() is not None else None
     if previous is not None and previous != job:
         raise LorafleetError(
             f"run {run_id} exists with a different config; resume it with the config saved in "
             f"{folder}/config.yaml, or start a new run id"
         )
-    console = RunConsole(folder, verbose=verbose)
-    console.start()
-    try:
-        return _train(job, folder, previous is not None, address, console)
-    finally:
-        console.stop()
+    return folder, previous is not None
 
 
-def _train(job: JobConfig, folder: RunFolder, resuming: bool, address: str | None, console: RunConsole) -> RunRecord:
+def _train(
+    job: JobConfig,
+    folder: RunFolder,
+    resuming: bool,
+    *,
+    address: str | None,
+    console: RunConsole | None,
+    callbacks: list | tuple = (),
+    sweep: SweepTrial | None = None,
+) -> RunRecord:
     run_id = folder.run_id
     preflight(job, embedded=address is None)
-    folder.write_config(job)
-    print(f"run {run_id}{' (resuming)' if resuming else ''}\nfolder {folder}\nlog {console.log_path}", flush=True)
-    deepspeed = None
-    if job.distributed.strategy == "deepspeed":
-        from lorafleet.training.strategies import deepspeed_config
-
-        deepspeed = deepspeed_config(job)
-        folder.write_text(DEEPSPEED_FILE, json.dumps(deepspeed, indent=2))
-
-    if resuming and folder.local is not None:
-        for name in prune_uncommitted_checkpoints(folder.local / CHECKPOINTS_DIR):
-            print(f"[{run_id}] removed {name}: a checkpoint the killed run never committed", flush=True)
+    if console is not None:
+        print(f"run {run_id}{' (resuming)' if resuming else ''}\nfolder {folder}\nlog {console.log_path}", flush=True)
+    deepspeed = prepare_run_folder(job, folder, resuming)
     started = time.monotonic()
     if address is None:
         provision_builtins(job)
-    connect_ray(job, address, quiet=not console.verbose)
-    console.follow_workers()
+    connect_ray(job, address, quiet=console is None or not console.verbose)
+    if console is not None:
+        console.follow_workers()
     try:
-        result = build_torch_trainer(job, folder, deepspeed=deepspeed).fit()
+        result = build_torch_trainer(job, folder, deepspeed=deepspeed, callbacks=callbacks).fit()
         error = result.error if result.checkpoint is not None else result.error or "no checkpoint was reported"
     except Exception as exc:  # Ray Train V2 raises the workers' error from fit()
         error = exc
     if error is not None:
         ours = lorafleet_cause(error)  # a bad row or setting seen by a worker: the same message as on the driver
-        folder.write_record(RunRecord(run_id=run_id, status="failed", error=str(ours or error), run_dir=folder.uri))
+        folder.write_record(
+            RunRecord(run_id=run_id, status="failed", error=str(ours or error), run_dir=folder.uri, sweep=sweep)
+        )
         if ours is not None:
             raise ours
-        raise TrainingFailed(f"run {run_id} failed: {error}\n(the workers' full output: {console.log_path})")
+        log = f"\n(the workers' full output: {console.log_path})" if console is not None else ""
+        raise TrainingFailed(f"run {run_id} failed: {error}{log}")
 
     final_checkpoint = result.checkpoint
     if job.training.best_metric:
@@ -116,9 +133,25 @@ def _train(job: JobConfig, folder: RunFolder, resuming: bool, address: str | Non
         seconds=round(time.monotonic() - started, 1),
         config_hash=job.config_hash(),
         data=DataRecord.model_validate(outcome["data"]) if outcome.get("data") else None,
+        sweep=sweep,
     )
     folder.write_record(record)
     return record
+
+
+def prepare_run_folder(job: JobConfig, folder: RunFolder, resuming: bool) -> dict | None:
+    """Write the config (and the DeepSpeed config, returned) and drop checkpoints a killed run left half-written."""
+    folder.write_config(job)
+    deepspeed = None
+    if job.distributed.strategy == "deepspeed":
+        from lorafleet.training.strategies import deepspeed_config
+
+        deepspeed = deepspeed_config(job)
+        folder.write_text(DEEPSPEED_FILE, json.dumps(deepspeed, indent=2))
+    if resuming and folder.local is not None:
+        for name in prune_uncommitted_checkpoints(folder.local / CHECKPOINTS_DIR):
+            print(f"[{folder.run_id}] removed {name}: a checkpoint the killed run never committed", flush=True)
+    return deepspeed
 
 
 def prune_uncommitted_checkpoints(checkpoints: Path) -> list[str]:
@@ -199,8 +232,8 @@ def preflight(job: JobConfig, *, embedded: bool) -> None:
         check_quantization(job.model, device)
 
 
-def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False) -> None:
-    """Join `address`, or start an embedded Ray sized so that the job's workers fit on this machine."""
+def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False, cpus_needed: float | None = None) -> None:
+    """Join `address`, or start an embedded Ray sized so that the job's workers (or `cpus_needed`) fit here."""
     import ray
 
     # Worker prints reach the driver once, through Ray's log forwarding (not also through the logger patch).
@@ -210,7 +243,8 @@ def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False) -> 
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=not quiet)
         return
-    cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
+    if cpus_needed is None:
+        cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
     watchdog = start_watchdog()  # kills what ray.init starts if this process dies, even by SIGKILL
     ray.init(
         num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
@@ -223,8 +257,11 @@ def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False) -> 
     watch_session(watchdog, ray._private.worker._global_node.get_session_dir_path())  # private, pinned Ray
 
 
-def build_torch_trainer(job: JobConfig, folder: RunFolder, *, deepspeed: dict | None = None):
-    """Ray Train's TorchTrainer for the job: one `train_loop_per_worker` per worker, checkpoints in the run."""
+def build_torch_trainer(
+    job: JobConfig, folder: RunFolder, *, deepspeed: dict | None = None, callbacks: list | tuple = ()
+):
+    """Ray Train's TorchTrainer for the job: one `train_loop_per_worker` per worker, checkpoints in the run;
+    `callbacks` are Ray Train's (a sweep's trial passes the one that reports to Ray Tune)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -249,6 +286,7 @@ def build_torch_trainer(job: JobConfig, folder: RunFolder, *, deepspeed: dict | 
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
             storage_path=folder.uri,
+            callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=distributed.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=job.training.keep_checkpoints,

@@ -111,21 +111,40 @@ class ProgressReporter(TrainerCallback):
 
 
 class RayCheckpointReporter(TrainerCallback):
-    """At every HF save, every rank reports its checkpoint folder to Ray Train, which merges them into one.
+    """At every HF save, every rank reports its checkpoint folder to Ray Train, which merges them into one;
+    at an evaluation not followed by a save, every rank reports the metrics alone (a sweep's scheduler reads
+    them through Ray Train's callbacks).
 
     Rank 0's folder holds the adapter, optimizer, scheduler and trainer state (with the data position); the
     others hold their own RNG state and, with DeepSpeed, their optimizer shards. Ray uploads synchronously, so
     the local copy is deleted afterwards (scratch disk stays at one checkpoint per worker).
     """
 
+    def on_evaluate(self, args, state, control, **kwargs):
+        import ray.train
+
+        if not control.should_save:  # the save of this step reports these metrics with its checkpoint
+            ray.train.report(latest_metrics(state))
+
     def on_save(self, args, state, control, **kwargs):
         import ray.train
 
-        metrics: dict = {"step": state.global_step}
-        for entry in state.log_history:
-            metrics.update({key: value for key, value in entry.items() if isinstance(value, int | float)})
+        metrics = latest_metrics(state)
         folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
         checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder.is_dir() else None
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def latest_metrics(state) -> dict:
+    """The step and the latest value of every number logged so far (loss, learning rate, eval metrics)."""
+    return {**latest_numbers(state.log_history), "step": state.global_step}
+
+
+def latest_numbers(records) -> dict:
+    """The latest value of every number in a sequence of log records (log_history, metrics.jsonl)."""
+    metrics: dict = {}
+    for entry in records:
+        metrics.update({key: value for key, value in entry.items() if isinstance(value, int | float)})
+    return metrics

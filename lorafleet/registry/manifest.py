@@ -76,6 +76,9 @@ class Manifest(BaseModel):
     metrics: dict[str, float] = Field(default_factory=dict)
     parents: list[str] = Field(default_factory=list, description="`name@vN` of the versions this was composed from.")
     composition: dict[str, Any] | None = None
+    sweep: dict[str, Any] | None = Field(
+        None, description="The sweep trial it came from: sweep_id, trial, parameters, metric."
+    )
     history: list[dict[str, Any]] = Field(
         default_factory=list, description="How it was made: trained, composed, published."
     )

@@ -73,14 +73,15 @@ class RunInfo:
     base_model_revision: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, Any] | None = None
 
     @classmethod
     def read(cls, run_dir: Path) -> RunInfo:
         run_dir = Path(run_dir)
         folder = RunFolder(str(run_dir))
         record = folder.read_record()
-        if record is not None and not record.succeeded:
-            raise RegistryError(f"run {run_dir.name} has status {record.status!r}: only succeeded runs are published")
+        if record is not None and record.status == "failed":
+            raise RegistryError(f"run {run_dir.name} failed: only runs that left an adapter are published")
         job = folder.read_config()
         eval_path = run_dir / REPORT_DIR / "eval.json"
         return cls(
@@ -93,11 +94,14 @@ class RunInfo:
             summary=record.model_dump(include={"status", "global_step", "train_loss", "seconds"}, exclude_none=True)
             if record
             else {},
+            sweep=record.sweep.model_dump() if record and record.sweep else None,
         )
 
     def manifest_fields(self) -> dict[str, Any]:
         fields: dict[str, Any] = {"run_id": self.run_id, "config_hash": self.config_hash, "data_hash": self.data_hash}
         fields["metrics"] = self.metrics
+        if self.sweep:
+            fields["sweep"] = self.sweep
         if self.run_id:
             fields["history"] = [
                 {"event": "trained", "run_id": self.run_id, "run_dir": str(self.run_dir), **self.summary}

@@ -145,3 +145,11 @@ AdapterSection = Annotated[
         custom_error_message=f"method must be one of {', '.join(METHOD_SECTIONS)}",
     ),
 ]
+
+
+def yaml_keys(loc: tuple) -> tuple[list[str], str | None]:
+    """The YAML key path of a job config validation error, and the adapter method whose knobs it is about."""
+    keys = [str(part) for part in loc]
+    if keys[:1] == ["adapter"] and len(keys) > 1 and knobs_of(keys[1]):
+        return keys[:1] + keys[2:], keys[1]  # the tag of the adapter section pydantic chose: not a key of the YAML
+    return keys, None

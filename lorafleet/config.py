@@ -22,12 +22,14 @@ from lorafleet.adapter_config import (
     AdapterSection,
     LoraSection,
     adapter_knob_message,
-    knobs_of,
+    yaml_keys,
 )
 from lorafleet.errors import ConfigError, Problem
 from lorafleet.names import NAME_RULE, is_valid_name
 from lorafleet.paths import default_storage_uri
 from lorafleet.schema import Section
+from lorafleet.sweep_config import SweepSection
+from lorafleet.sweep_trials import check_sweep
 from lorafleet.yamlsource import UNKNOWN_KEY, YamlSource, apply_overrides, validation_message
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -271,6 +273,9 @@ class JobConfig(Section):
     distributed: DistributedSection = Field(default_factory=DistributedSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    sweep: SweepSection | None = Field(
+        None, description="A search space for `lorafleet sweep` (Ray Tune); `lorafleet train` ignores it."
+    )
 
     @field_validator("name")
     @classmethod
@@ -335,16 +340,14 @@ def validate_job_config(data: Any, source: YamlSource) -> JobConfig:
     if not isinstance(data, dict):
         raise ConfigError(source.name, [Problem(source.name, "the top level must be a mapping of sections")])
     try:
-        return JobConfig.model_validate(data, context={"base_dir": str(source.base_dir)})
+        job = JobConfig.model_validate(data, context={"base_dir": str(source.base_dir)})
     except ValidationError as exc:
         raise ConfigError(source.name, [_problem_from(error, source) for error in exc.errors()]) from None
+    return check_sweep(job, source)
 
 
 def _problem_from(error: dict[str, Any], source: YamlSource) -> Problem:
-    keys = [str(part) for part in error["loc"]]
-    method = None
-    if keys[:1] == ["adapter"] and len(keys) > 1 and knobs_of(keys[1]):
-        method = keys.pop(1)  # the tag of the adapter section pydantic chose: not a key of the YAML
+    keys, method = yaml_keys(error["loc"])
     if error["type"] == "extra_forbidden":
         message = adapter_knob_message(keys[-1], method) if method else f"{UNKNOWN_KEY}; see docs/config.md"
     else:

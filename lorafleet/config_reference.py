@@ -27,6 +27,8 @@ def _type_name(annotation: object) -> str:
         return " \\| ".join(f"`{value}`" for value in args)
     if origin in (typing.Union, types.UnionType):
         return " \\| ".join(_type_name(arg) for arg in args)
+    if origin is dict:
+        return f"mapping of {_type_name(args[1])}"
     if isinstance(annotation, type) and not args:
         return "null" if annotation is type(None) else annotation.__name__
     return str(annotation).replace("typing.", "").replace("|", "\\|")
@@ -78,7 +80,9 @@ def _render_adapter_methods(lines: list[str]) -> None:
 
 
 def _section_of(annotation: object) -> type[BaseModel] | None:
-    """The section model behind a field (`Section` or `Section | None`), else None."""
+    """The section model behind a field (`Section` or `Section | None`), else None (a mapping of them too)."""
+    if typing.get_origin(annotation) is dict:
+        return None
     for candidate in (annotation, *typing.get_args(annotation)):
         if isinstance(candidate, type) and issubclass(candidate, BaseModel):
             return candidate

@@ -17,3 +17,10 @@ def validate(config: Path = options.ConfigArg, overrides: list[str] = options.Se
         f"{config}: ok — job {job.name!r}, model {job.model.name_or_path}, {describe_adapter(job.adapter)}, "
         f"{job.distributed.num_workers} worker(s), storage {job.storage.uri}"
     )
+    if job.sweep is not None:
+        sweep = job.sweep
+        scheduler = "ASHA" if sweep.scheduler else "no scheduler"
+        typer.echo(
+            f"sweep over {', '.join(sweep.space)}: {sweep.num_samples} sample(s), {sweep.metric} ({sweep.mode}), "
+            f"{scheduler}, {sweep.max_concurrent_trials or 'as many as fit'} at once"
+        )

@@ -74,9 +74,19 @@ class Submission:
     entrypoint: str
 
 
+def entrypoint_words(job: JobConfig, config_path: str, run_id: str) -> list[str]:
+    """What a cluster runs for `job`: `lorafleet sweep` when the config has a sweep: section (the sweep id is
+    `run_id`; a retry with the same id continues the sweep), else `lorafleet train` (a retry resumes the run)."""
+    if job.sweep is not None:
+        return ["lorafleet", "sweep", config_path, "--sweep-id", run_id, "--address", "auto"]
+    return ["lorafleet", "train", config_path, "--run-id", run_id, "--address", "auto"]
+
+
 def submission_run_id(job: JobConfig, run_id: str | None) -> str:
-    """The run id fixed at submit time: the one given, else a fresh one from the job's name."""
-    return validate_run_id(run_id or new_run_id(job.name))
+    """The run (or sweep) id fixed at submit time: the one given, else a fresh one from the job's name."""
+    from lorafleet.sweeps import new_sweep_id
+
+    return validate_run_id(run_id or (new_sweep_id(job.name) if job.sweep else new_run_id(job.name)))
 
 
 def read_runtime_env(value: str | None) -> dict[str, Any]:
@@ -153,7 +163,7 @@ class RayJobs:
 
     def submit(self, job: JobConfig, run_id: str, runtime_env: dict[str, Any] | None = None) -> Submission:
         runtime_env = dict(runtime_env or {})
-        entrypoint = shlex.join(["lorafleet", "train", JOB_CONFIG_NAME, "--run-id", run_id, "--address", "auto"])
+        entrypoint = shlex.join(entrypoint_words(job, JOB_CONFIG_NAME, run_id))
         submission_id = f"lorafleet-{run_id}-{secrets.token_hex(2)}"
         with tempfile.TemporaryDirectory(prefix="lorafleet-submit-") as staging:
             stage_job(job, Path(staging), runtime_env.pop("working_dir", None))

@@ -22,6 +22,7 @@ import copy
 import hashlib
 import json
 import re
+import shlex
 from typing import Any
 
 import yaml
@@ -29,6 +30,7 @@ import yaml
 from lorafleet.cluster_options import GPU_RESOURCE, ClusterOptions
 from lorafleet.config import JobConfig
 from lorafleet.errors import ConfigError, Problem
+from lorafleet.jobs import entrypoint_words
 from lorafleet.storage import is_local_uri
 from lorafleet.versions import RAY_VERSION
 
@@ -126,8 +128,8 @@ def cluster_job_config(job: JobConfig, options: ClusterOptions) -> dict[str, Any
     return data
 
 
-def entrypoint_for(config_yaml: str, run_id: str) -> str:
-    """`bash -c '...'` that writes the config into the head pod and runs `lorafleet train` on it.
+def entrypoint_for(job: JobConfig, config_yaml: str, run_id: str) -> str:
+    """`bash -c '...'` that writes the config into the head pod and runs `lorafleet train` (or `sweep`) on it.
 
     The quoting survives KubeRay's submitter (bash parses it; `ray job submit` re-joins the words with
     shlex) and Ray's own `shell=True` run of the entrypoint.
@@ -136,7 +138,7 @@ def entrypoint_for(config_yaml: str, run_id: str) -> str:
     path = f"{CONFIG_DIR_IN_POD}/{run_id}.yaml"
     script = (
         f"mkdir -p {CONFIG_DIR_IN_POD} && printf %s {encoded} | base64 -d > {path} && "
-        f"exec lorafleet train {path} --run-id {run_id} --address auto"
+        f"exec {shlex.join(entrypoint_words(job, path, run_id))}"
     )
     return f"bash -c '{script}'"
 
@@ -240,8 +242,10 @@ def _pod_template(
 
 
 def ray_cluster_spec(job: JobConfig, options: ClusterOptions) -> dict[str, Any]:
-    """Head (no training work: num-cpus 0) + one worker group with one Ray Train worker per pod."""
+    """Head (no training work: num-cpus 0) + one worker group with one Ray Train worker per pod (a sweep: one
+    per worker of each trial that runs at once)."""
     distributed = job.distributed
+    pods = distributed.num_workers * ((job.sweep.max_concurrent_trials or 1) if job.sweep else 1)
     per_worker = distributed.resources_per_worker
     gpus = int(per_worker.get("GPU", 1 if distributed.use_gpu else 0)) if distributed.use_gpu else 0
     worker_resources = _resources(_cpu_quantity(per_worker.get("CPU", 1)), _worker_memory(job, options), gpus)
@@ -251,9 +255,9 @@ def ray_cluster_spec(job: JobConfig, options: ClusterOptions) -> dict[str, Any]:
         worker_params["resources"] = '"' + json.dumps(custom).replace('"', '\\"') + '"'  # KubeRay's quoting
     worker: dict[str, Any] = {
         "groupName": "gpu-workers" if gpus else "cpu-workers",
-        "replicas": distributed.num_workers,
-        "minReplicas": distributed.num_workers,
-        "maxReplicas": distributed.num_workers,
+        "replicas": pods,
+        "minReplicas": pods,
+        "maxReplicas": pods,
         "rayStartParams": worker_params,
         "template": _pod_template(job, options, role="worker", resources=worker_resources, gpu=bool(gpus)),
     }
@@ -275,7 +279,7 @@ def render_rayjob(job: JobConfig, run_id: str, options: ClusterOptions) -> dict[
     storage_on_mount = is_local_uri(job.storage.uri)
     config_yaml = yaml.safe_dump(config, sort_keys=False)
     spec: dict[str, Any] = {
-        "entrypoint": entrypoint_for(config_yaml, run_id),
+        "entrypoint": entrypoint_for(job, config_yaml, run_id),
         "runtimeEnvYAML": yaml.safe_dump(runtime_env_for(options, storage_on_mount=storage_on_mount), sort_keys=True),
         "submissionMode": options.submission_mode,
         "backoffLimit": options.backoff_limit,

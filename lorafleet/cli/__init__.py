@@ -24,6 +24,7 @@ from lorafleet.cli import (
     render,
     serve,
     submit,
+    sweep,
     sync,
     train,
     validate,
@@ -40,6 +41,7 @@ app = typer.Typer(
 app.command("validate")(validate.validate)
 app.command("demo")(demo.demo)
 app.command("train")(train.train)
+app.command("sweep")(sweep.sweep)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
 app.add_typer(data.app, name="data")

@@ -3,6 +3,10 @@
     lorafleet submit configs/tiny.yaml --address http://ray-head:8265 --set storage.uri=/mnt/shared --wait
     lorafleet submit configs/my-job.yaml --k8s --dry-run            # exactly what `render rayjob` prints
     lorafleet submit configs/my-job.yaml --k8s --context prod --wait
+    lorafleet submit configs/sweep-tiny.yaml --sweep --address http://ray-head:8265   # `lorafleet sweep` there
+
+A config with a sweep: section runs as a sweep (`--sweep` says so and refuses a config without one); the
+run id is then the sweep id.
 
 The run id is fixed here, so a resubmission with the same `--run-id` resumes the same run folder.
 With `--wait`, the exit code is 0 when the job succeeded and 1 when it failed or was stopped.
@@ -35,6 +39,9 @@ def submit(
     runtime_env: str = render.RuntimeEnvOption,
     run_id: str = render.RunIdOption,
     k8s: bool = typer.Option(False, "--k8s", help="Create a KubeRay RayJob instead of using the Ray Jobs API."),
+    sweep: bool = typer.Option(
+        False, "--sweep", help="Run the config's sweep: section with `lorafleet sweep` on the cluster."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="With --k8s: print the RayJob, create nothing."),
     context: str = typer.Option(None, "--context", help="kubeconfig context (default: the current one)."),
     kubeconfig: str = typer.Option(
@@ -48,6 +55,8 @@ def submit(
     from lorafleet.jobs import submission_run_id
 
     job = options.load(config, overrides)
+    if sweep and job.sweep is None:
+        raise LorafleetError(f"--sweep: {config} has no sweep: section (see docs/sweeps.md)")
     run_id = submission_run_id(job, run_id)
     if not k8s:
         if dry_run:

@@ -28,6 +28,8 @@ def train(
     if resume:
         job = load_run_config(job.storage.uri, resume)
         run_id = resume
+    if job.sweep is not None:
+        typer.echo("note: train runs the config once with its own values; `lorafleet sweep` runs its sweep: section")
     summary = run_training(job, run_id=run_id, address=address, verbose=verbose)
     loss = f"{summary.train_loss:.4f}" if summary.train_loss is not None else "n/a"
     typer.echo(

@@ -444,3 +444,18 @@ def test_submit_runs_the_tiny_job_on_the_cluster_and_writes_the_adapter(ray_clus
     assert f"job {job_id}: SUCCEEDED" in status.stdout and "run: tiny-remote-1" in status.stdout
     logs = run_cli("jobs", "logs", job_id, "--address", ray_cluster.address, env=ray_cluster.env)
     assert "run tiny-remote-1" in logs.stdout and "adapter" in logs.stdout
+
+
+@pytest.mark.slow
+def test_submit_sweep_runs_the_sweep_on_the_cluster(ray_cluster, tmp_path):
+    result = run_cli(
+        "submit", "configs/sweep-tiny.yaml", "--sweep", "--address", ray_cluster.address,
+        "--set", f"storage.uri={tmp_path}", "--set", "sweep.space={training.learning_rate: {grid: [0.003, 0.001]}}",
+        "--run-id", "tiny-sweep-remote", "--wait", timeout=900, env=ray_cluster.env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    assert "sweep tiny-sweep-remote: 2 trials" in result.stdout  # the driver's summary, from the job's logs
+    sweep = tmp_path / "sweeps" / "tiny-sweep-remote"
+    best = json.loads((sweep / "best.json").read_text())
+    assert best["run_id"] in ("tiny-sweep-remote-t0", "tiny-sweep-remote-t1")
+    assert (tmp_path / "runs" / best["run_id"] / "adapter" / "adapter_model.safetensors").is_file()

@@ -122,6 +122,29 @@ def test_runs_report_train_metrics_always_and_eval_metrics_with_evaluations() ->
     )
 
 
+def test_a_trial_tune_stopped_is_stopped_even_if_its_teardown_was_recorded_as_a_failure(tmp_path: Path) -> None:
+    """Tune stops a trial by tearing its workers down; the run may record that as its failure before it dies."""
+    from types import SimpleNamespace
+
+    from lorafleet.runs import RunFolder, RunRecord
+    from lorafleet.sweeps import SweepFolder
+    from lorafleet.training.sweep_report import collect_trials
+
+    job = load_job_config(sweep_config(tmp_path, {"space": {"training.learning_rate": {"grid": [0.1, 0.2]}}}))
+    folder = SweepFolder.of(job.storage.uri, "s9")
+    for trial, record_status in ((0, "failed"), (1, None)):
+        run = RunFolder.of(job.storage.uri, folder.trial_run_id(trial))
+        run.write_text("metrics.jsonl", json.dumps({"step": 2, "eval_loss": 5.0 + trial}) + "\n")
+        if record_status:
+            run.write_record(RunRecord(run_id=run.run_id, status=record_status, error="worker group shut down"))
+    grid = [SimpleNamespace(path=f"{folder.tune_uri}/t{trial}", config={"lr": trial}, error=None) for trial in (0, 1)]
+    rows = collect_trials(grid, job, folder)
+    assert [row.status for row in rows] == ["stopped early", "stopped early"]
+    for trial in (0, 1):
+        record = RunFolder.of(job.storage.uri, folder.trial_run_id(trial)).read_record()
+        assert record.status == "stopped" and record.global_step == 2 and record.sweep.trial == trial
+
+
 # ---- real sweeps on an embedded Ray -------------------------------------------------------------------
 
 
@@ -189,6 +212,24 @@ def test_publish_puts_the_best_adapter_in_the_registry_with_its_lineage(swept, t
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(version))
     trained = {k: v for k, v in model.state_dict().items() if "lora_B" in k}
     assert trained and any(torch.count_nonzero(v) for v in trained.values())  # B starts at zero: it learned
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_reported_and_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    path = sweep_config(
+        tmp_path,
+        {"space": {"model.name_or_path": {"grid": ["builtin:tiny-llama", str(missing)]}}, "max_concurrent_trials": 2},
+    )
+    result = run_cli("sweep", str(path), "--sweep-id", "f1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {
+        row["trial"]: row for row in csv.DictReader((tmp_path / "storage" / "sweeps" / "f1" / "results.csv").open())
+    }
+    assert rows["0"]["status"] == "finished" and rows["1"]["status"] == "failed"
+    assert str(missing) in rows["1"]["error"] or "no-such-model" in rows["1"]["error"], rows["1"]
+    assert json.loads((tmp_path / "storage" / "sweeps" / "f1" / "best.json").read_text())["run_id"] == "f1-t0"
+    assert "1 finished, 0 stopped early, 1 failed" in result.stdout
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

@@ -20,7 +20,7 @@ from typing import Any
 from lorafleet.config import JobConfig
 from lorafleet.runs import METRICS_FILE, RunFolder, RunRecord, SweepTrial
 from lorafleet.sweeps import RESULTS_CSV, RESULTS_MD, BestTrial, SweepFolder
-from lorafleet.training.launcher import RAY_CHECKPOINT_SNAPSHOT, copy_adapter_out_of_checkpoint, lorafleet_cause
+from lorafleet.training.launcher import RAY_CHECKPOINT_SNAPSHOT, copy_adapter_out_of_checkpoint
 from lorafleet.training.plots import latest_per_step
 from lorafleet.training.reporting import latest_numbers
 
@@ -57,13 +57,15 @@ def collect_trials(grid, job: JobConfig, folder: SweepFolder) -> list[TrialRow]:
         run = RunFolder.of(job.storage.uri, folder.trial_run_id(trial))
         values = {key: value for key, value in (result.config or {}).items()}
         record = run.read_record()
-        if result.error is not None:
-            status, error = "failed", _first_line(result.error)
+        if result.error is not None:  # the run's own record says it best, when the run got as far as writing one
+            status = "failed"
+            error = record.error if record is not None and record.error else _last_line(result.error)
         elif record is not None and record.status == "succeeded":
             status, error = "finished", None
         else:
             status, error = "stopped early", None
-            if record is None:
+            # Tune stops a trial by tearing its workers down, which the run may have recorded as its failure
+            if record is None or record.status != "stopped":
                 record = finish_stopped_trial(
                     run,
                     job,
@@ -73,11 +75,10 @@ def collect_trials(grid, job: JobConfig, folder: SweepFolder) -> list[TrialRow]:
     return sorted(rows, key=lambda row: row.trial)
 
 
-def _first_line(error: BaseException) -> str:
-    ours = lorafleet_cause(error)
-    text = str(ours) if ours is not None else str(error)
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return (lines[0] if ours is not None else lines[-1])[:300] if lines else type(error).__name__
+def _last_line(error: BaseException) -> str:
+    """The message of a trial's error: Ray's wrappers put the traceback first and the exception last."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 def finish_stopped_trial(run: RunFolder, job: JobConfig, lineage: SweepTrial) -> RunRecord:

@@ -36,10 +36,12 @@ import torch
 from lorafleet.serving.adapter_store import AdapterStore, LoadedAdapter
 from lorafleet.serving.adapters import AdapterError, inspect_adapter
 from lorafleet.serving.config import ServingConfig
+from lorafleet.serving.decode_attention import use_decode_attention
 from lorafleet.serving.engine_api import EngineStats, GenerationRequest, NonFiniteLogits, UnknownModel
 from lorafleet.serving.fault_isolation import isolate, rows_of
 from lorafleet.serving.kv_cache import RunningBatch
 from lorafleet.serving.model_runner import ModelRunner
+from lorafleet.serving.packed_linear import can_pack, pack_linears
 from lorafleet.serving.request_queue import Delta, EngineStopped, RequestQueue, RequestStream, ServingError, deliver
 from lorafleet.serving.scheduler import Scheduler, Sequence
 
@@ -83,6 +85,9 @@ class CPUEngine:
         self._decoder = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype)
         self.model.eval()
+        if self.config.packed_weights and can_pack(self.dtype, self.model.device):
+            pack_linears(self.model)
+        use_decode_attention(self.model)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(limit, self.config.max_model_len or limit)
         self.vocab_size = self.model.get_input_embeddings().num_embeddings

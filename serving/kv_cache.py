@@ -14,14 +14,63 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+SPARE_MIN = 32  # columns a layer's buffer gets beyond what it holds, at least (and half its length, at most)
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values are views of a buffer with spare columns: a decode step writes its one
+    column in place instead of copying the whole cache (transformers' `DynamicLayer` concatenates every step).
+    Writes only go past the end of every view handed out, so an earlier view (a snapshot) keeps its values."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        held = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        length = held + key_states.shape[-2]
+        if self._buffers is None or length > self._buffers[0].shape[-2]:
+            self._buffers = tuple(
+                _with_room(old, new, held, length + max(SPARE_MIN, length // 2))
+                for old, new in ((self.keys, key_states), (self.values, value_states))
+            )
+        keys, values = self._buffers
+        keys[:, :, held:length] = key_states
+        values[:, :, held:length] = value_states
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        return self.keys, self.values
+
+
+def _with_room(held: torch.Tensor, new: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+    """A [batch, heads, capacity, dim] buffer that starts with the `length` columns of `held`."""
+    buffer = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+    if length:
+        buffer[:, :, :length] = held
+    return buffer
+
+
+class GrowingCache(DynamicCache):
+    """transformers' `DynamicCache` made of `GrowingLayer`s, optionally filled with per-layer (keys, values)."""
+
+    def __init__(self, tensors: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        layers = []
+        for keys, values in tensors or []:
+            layer = GrowingLayer()
+            layer.update(keys, values)
+            layers.append(layer)
+        if layers:
+            super(DynamicCache, self).__init__(layers=layers)
+        else:
+            super(DynamicCache, self).__init__(layer_class_to_replicate=GrowingLayer)
 
 
 def cache_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
-def make_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    return DynamicCache(ddp_cache_data=tensors)
+def make_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    return GrowingCache(tensors)
 
 
 @dataclass
@@ -76,7 +125,7 @@ class RunningBatch:
         return RunningBatch([self.rows[i] for i in indices], cache, mask[:, start:], self.next_tokens[index])
 
     def snapshot(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
-        """What `restore` needs to undo a step that raised (a forward only replaces cache tensors, never edits)."""
+        """What `restore` needs to undo a step that raised (a forward only writes past the end of these views)."""
         return cache_tensors(self.cache), self.mask
 
     def restore(self, state: tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]) -> None:

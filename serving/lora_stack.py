@@ -33,21 +33,26 @@ from typing import Any
 
 import torch
 
+from lorafleet.serving.packed_linear import linear, packed_weight
+
 
 class StackedLayer:
     """The forward of one PEFT `lora.Linear` during a stacked pass (set as the module's `forward`)."""
 
     def __init__(self, module: torch.nn.Module, a: torch.Tensor | None, b: torch.Tensor | None, layout: int):
         self.module, self.a, self.b, self.layout = module, a, b, layout
+        # As Linear weights ([out, in]), in oneDNN's layout where that pays (float32 on the CPU), else None
+        self.a_packed = packed_weight(a.t()) if a is not None else None
+        self.b_packed = packed_weight(b.t()) if b is not None else None
         self.drop: torch.Tensor | None = None  # this pass: [rows, 1, columns], True where the row does not own it
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.module.base_layer(x, *args, **kwargs)
         if self.a is None:  # no adapter of the stack targets this layer
             return result
-        hidden = x.to(self.a.dtype) @ self.a
+        hidden = linear(x.to(self.a.dtype), self.a.t(), self.a_packed)
         hidden.masked_fill_(self.drop if x.dim() == 3 else self.drop[:, 0], 0.0)
-        return result.add_((hidden @ self.b).to(result.dtype))
+        return result.add_(linear(hidden, self.b.t(), self.b_packed).to(result.dtype))
 
 
 class LoraStack:

@@ -43,8 +43,7 @@ class ModelRunner:
             "attention_mask": mask,
             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)[:, n_prefix:],
         }
-        if n_prefix:
-            inputs["past_key_values"] = make_cache(prefix_cache(virtual, n_prefix, self.dtype))
+        inputs["past_key_values"] = make_cache(prefix_cache(virtual, n_prefix, self.dtype) if n_prefix else None)
         with self.store.routing(key, [seq.adapter for seq in seqs]):
             if any(embeds_len):
                 embeds = self.model.get_input_embeddings()(ids)  # inside: LoRA on embeddings routes per row

@@ -529,3 +529,52 @@ def test_a_failing_step_is_retried_per_adapter(engine, references, monkeypatch):
     assert all(isinstance(error, RuntimeError) and "injected" in str(error) for error in by_model["b"])
     assert calls["b"] >= 3
     assert run(engine, PROMPTS[0], "b", GREEDY)[0] == references["b"][0]
+
+
+# ---- the optimised path: packed base weights, growing KV cache, stacked LoRA ------------------------------------
+
+
+def test_every_step_logits_equal_peft_for_a_mixed_batch_of_every_method(engine, tiny_model_dir, adapter_dir):
+    """Prefill and each decode step of a batch mixing LoRA, all-linear LoRA, prompt, prefix and P-tuning rows with
+    base rows (and DoRA in its own batch): each row's logits equal PEFT's full forward over its tokens (< 1e-4)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert type(engine.model.lm_head).__name__ == "PackedLinear", "the base runs on packed weights here"
+    seen: dict[int, tuple[str, list[int], list[torch.Tensor], list[int]]] = {}
+    choose = engine.runner.choose
+
+    def recording(logits, seqs):
+        tokens = choose(logits, seqs)
+        for row, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            entry = seen.setdefault(id(seq), (seq.request.model, list(seq.request.prompt_ids), [], []))
+            entry[2].append(logits[row].float().clone())
+            entry[3].append(token)
+        return tokens
+
+    engine.runner.choose = recording
+    try:
+        params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+        models = ["a", "b", "pt", "px", "pe", "tiny", "d", "a", "tiny"]
+        run_many(engine, [(PROMPTS[i % len(PROMPTS)], model, params, 0.02 * (i % 3)) for i, model in enumerate(models)])
+    finally:
+        engine.runner.choose = choose
+    assert sorted(entry[0] for entry in seen.values()) == sorted(models)
+
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # noqa: E731
+    loras = PeftModel.from_pretrained(base(), adapter_dir / "a", "a")
+    for name in ("b", "d"):
+        loras.load_adapter(adapter_dir / name, name)
+    references = {"tiny": base(), **{name: loras for name in ("a", "b", "d")}}
+    references |= {name: PeftModel.from_pretrained(base(), adapter_dir / name).eval() for name in ("pt", "px", "pe")}
+    worst = 0.0
+    with torch.inference_mode():
+        for model, prompt, logits, tokens in seen.values():
+            reference = references[model].eval()
+            if model in ("a", "b", "d"):
+                reference.set_adapter(model)
+            for step, got in enumerate(logits):
+                ids = torch.tensor([prompt + tokens[:step]])
+                expected = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+                worst = max(worst, (got - expected).abs().max().item())
+    assert worst < 1e-4, worst

@@ -99,6 +99,12 @@ class ServingConfig(BaseModel):
         description="CPU engine, float32: the base model's linear weights also kept in oneDNN's blocked layout "
         "(~1.5-3x faster matmuls at decode batch sizes, for a second copy of those weights in memory).",
     )
+    prefix_cache_mb: float = Field(
+        256,
+        ge=0,
+        description="CPU engine: KV of prompt prefixes kept for later prompts that start the same way under the "
+        "same adapter version (0: off).",
+    )
     drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long in-flight requests may finish.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     vllm_args: list[str] = Field(

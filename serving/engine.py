@@ -42,6 +42,7 @@ from lorafleet.serving.fault_isolation import isolate, rows_of
 from lorafleet.serving.kv_cache import RunningBatch
 from lorafleet.serving.model_runner import ModelRunner
 from lorafleet.serving.packed_linear import can_pack, pack_linears
+from lorafleet.serving.prefix_cache import PrefixCache
 from lorafleet.serving.request_queue import Delta, EngineStopped, RequestQueue, RequestStream, ServingError, deliver
 from lorafleet.serving.scheduler import Scheduler, Sequence
 
@@ -96,7 +97,8 @@ class CPUEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.store = AdapterStore(self.config, self.model, self.dtype)
-        self.runner = ModelRunner(self.model, self.store, self.dtype, pad_id=self.tokenizer.pad_token_id or 0)
+        prefixes = PrefixCache(int(self.config.prefix_cache_mb * 2**20)) if self.config.prefix_cache_mb else None
+        self.runner = ModelRunner(self.model, self.store, self.dtype, self.tokenizer.pad_token_id or 0, prefixes)
         for name, path in self.config.adapters.items():
             self.store.load(inspect_adapter(name, path, self.config), replace=False)
         self._thread = threading.Thread(target=self._loop, name="lorafleet-model", daemon=True)

@@ -62,3 +62,26 @@ def test_growing_cache_writes_in_place_and_keeps_earlier_views() -> None:
     assert grown != buffer, "40 more columns than the first buffer has spare: it was reallocated"
     refilled = GrowingCache([(keys, values)])  # a restore: a new cache from the snapshot's views
     assert torch.equal(cache_tensors(refilled)[0][0], snapshot[0])
+
+
+def test_prefix_cache_keeps_within_its_limit_and_drops_chain_tails_first() -> None:
+    from lorafleet.serving.prefix_cache import PrefixCache
+
+    def kv(tokens: list[int]):
+        column = torch.tensor(tokens, dtype=torch.float32)[None, :, None].expand(2, -1, 4)  # [kv_heads, n, dim]
+        return lambda: [(column, -column)]
+
+    block_bytes = 2 * (2 * 4 * 4) * 4  # keys + values, 2 heads x 4 tokens x 4 dims, float32
+    cache = PrefixCache(limit_bytes=5 * block_bytes, block_tokens=4)
+    prompt = list(range(1, 14))  # 3 full blocks and a token
+    cache.store("lf1", prompt, kv(prompt))
+    assert cache.stats.blocks == 3 and cache.stats.bytes == 3 * block_bytes
+    length, layers = cache.lookup("lf1", prompt[:9] + [99])
+    assert length == 8 and torch.equal(layers[0][0][0, :, 0], torch.tensor(prompt[:8], dtype=torch.float32))
+    assert cache.lookup("lf1", prompt[:8])[0] == 4, "the last prompt token is always left to compute"
+    assert cache.lookup("lf2", prompt)[0] == 0, "another owner's chain starts elsewhere"
+    other = [50 + t for t in prompt]
+    cache.store("lf2", other, kv(other))  # 3 more blocks: one over the limit
+    assert cache.stats.bytes <= 5 * block_bytes and cache.stats.blocks == 5
+    assert cache.lookup("lf1", prompt)[0] == 8, "the older chain lost its tail, not its head"
+    assert cache.lookup("lf2", other)[0] == 12

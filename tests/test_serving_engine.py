@@ -534,13 +534,8 @@ def test_a_failing_step_is_retried_per_adapter(engine, references, monkeypatch):
 # ---- the optimised path: packed base weights, growing KV cache, stacked LoRA ------------------------------------
 
 
-def test_every_step_logits_equal_peft_for_a_mixed_batch_of_every_method(engine, tiny_model_dir, adapter_dir):
-    """Prefill and each decode step of a batch mixing LoRA, all-linear LoRA, prompt, prefix and P-tuning rows with
-    base rows (and DoRA in its own batch): each row's logits equal PEFT's full forward over its tokens (< 1e-4)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    assert type(engine.model.lm_head).__name__ == "PackedLinear", "the base runs on packed weights here"
+def record_logits(engine: CPUEngine) -> tuple[dict, callable]:
+    """Every row's logits at prefill and at each decode step, with its model, prompt and tokens (by sequence)."""
     seen: dict[int, tuple[str, list[int], list[torch.Tensor], list[int]]] = {}
     choose = engine.runner.choose
 
@@ -553,28 +548,104 @@ def test_every_step_logits_equal_peft_for_a_mixed_batch_of_every_method(engine, 
         return tokens
 
     engine.runner.choose = recording
+    return seen, lambda: setattr(engine.runner, "choose", choose)
+
+
+def worst_logit_gap(seen: dict, references: dict) -> float:
+    """Largest |engine - reference| over every recorded step; `references`: model name -> a model in eval mode
+    (a PeftModel holding several adapters is switched to the one named like the model)."""
+    worst = 0.0
+    with torch.inference_mode():
+        for model, prompt, logits, tokens in seen.values():
+            reference = references[model]
+            if model in getattr(reference, "peft_config", {}):
+                reference.set_adapter(model)
+            for step, got in enumerate(logits):
+                ids = torch.tensor([prompt + tokens[:step]])
+                expected = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+                worst = max(worst, (got - expected).abs().max().item())
+    return worst
+
+
+def test_every_step_logits_equal_peft_for_a_mixed_batch_of_every_method(engine, tiny_model_dir, adapter_dir):
+    """Prefill and each decode step of a batch mixing LoRA, all-linear LoRA, prompt, prefix and P-tuning rows with
+    base rows (and DoRA in its own batch): each row's logits equal PEFT's full forward over its tokens (< 1e-4)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    assert type(engine.model.lm_head).__name__ == "PackedLinear", "the base runs on packed weights here"
+    seen, restore = record_logits(engine)
     try:
         params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
         models = ["a", "b", "pt", "px", "pe", "tiny", "d", "a", "tiny"]
         run_many(engine, [(PROMPTS[i % len(PROMPTS)], model, params, 0.02 * (i % 3)) for i, model in enumerate(models)])
     finally:
-        engine.runner.choose = choose
+        restore()
     assert sorted(entry[0] for entry in seen.values()) == sorted(models)
 
     base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # noqa: E731
     loras = PeftModel.from_pretrained(base(), adapter_dir / "a", "a")
     for name in ("b", "d"):
         loras.load_adapter(adapter_dir / name, name)
-    references = {"tiny": base(), **{name: loras for name in ("a", "b", "d")}}
+    references = {"tiny": base(), **{name: loras.eval() for name in ("a", "b", "d")}}
     references |= {name: PeftModel.from_pretrained(base(), adapter_dir / name).eval() for name in ("pt", "px", "pe")}
-    worst = 0.0
-    with torch.inference_mode():
-        for model, prompt, logits, tokens in seen.values():
-            reference = references[model].eval()
-            if model in ("a", "b", "d"):
-                reference.set_adapter(model)
-            for step, got in enumerate(logits):
-                ids = torch.tensor([prompt + tokens[:step]])
-                expected = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
-                worst = max(worst, (got - expected).abs().max().item())
-    assert worst < 1e-4, worst
+    assert worst_logit_gap(seen, references) < 1e-4
+
+
+# ---- prefix caching ---------------------------------------------------------------------------------------------
+
+PREAMBLE = "You are a careful assistant for a shop. Answer in one short sentence, and never invent prices. " * 2
+
+
+def test_prefix_cache_hits_stay_within_one_adapter_version(tiny_model_dir, tmp_path):
+    """Prompts sharing a long preamble: later ones reuse the KV of their own adapter's load only. Another adapter,
+    the base, or a new version loaded under the same name never hits it; every logit equals PEFT's (< 1e-4)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folders = {
+        "a": make_adapter(tiny_model_dir, tmp_path / "a", "lora", seed=1),
+        "b": make_adapter(tiny_model_dir, tmp_path / "b", "lora-all", seed=2),
+        "a-v2": make_adapter(tiny_model_dir, tmp_path / "a-v2", "lora", seed=3),
+    }
+    config = ServingConfig(
+        base=tiny_model_dir,
+        served_model_name="tiny",
+        adapters={"a": str(folders["a"]), "b": str(folders["b"])},
+        adapter_roots=[str(tmp_path)],
+        torch_threads=1,
+    )
+    engine = CPUEngine(config)
+    engine.start()
+    base = lambda: AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # noqa: E731
+    references = {"tiny": base(), **{name: PeftModel.from_pretrained(base(), folders[name]).eval() for name in "ab"}}
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    stats = engine.runner.prefixes.stats
+    assert len(engine.tokenizer(PREAMBLE).input_ids) >= 2 * engine.runner.prefixes.block_tokens
+
+    def round_of(models: list[str], tail: str) -> tuple[int, float]:
+        """(prompt tokens served from the cache in this round, the worst logit gap to PEFT)."""
+        hits = stats.hit_tokens
+        seen, restore = record_logits(engine)
+        try:
+            run_many(engine, [(PREAMBLE + tail, model, params) for model in models])
+        finally:
+            restore()
+        return stats.hit_tokens - hits, worst_logit_gap(seen, references)
+
+    try:
+        assert round_of(["a"], "What is a kettle?") == (0, pytest.approx(0, abs=1e-4))
+        hits, gap = round_of(["b", "tiny"], "What is a kettle?")  # same tokens, other owners: no hit
+        assert hits == 0 and gap < 1e-4
+        hits, gap = round_of(["a", "b", "tiny"], "And a toaster?")  # each reuses its own preamble
+        assert hits >= 3 * engine.runner.prefixes.block_tokens and gap < 1e-4
+
+        asyncio.run(engine.load_adapter("a", str(folders["a-v2"]), replace=True))  # a new version, same name
+        references["a"] = PeftModel.from_pretrained(base(), folders["a-v2"]).eval()
+        hits, gap = round_of(["a"], "And a toaster?")
+        assert hits == 0, "a new version never reads the KV of the version before"
+        assert gap < 1e-4
+        hits, gap = round_of(["a"], "And a lamp?")
+        assert hits > 0 and gap < 1e-4
+    finally:
+        engine.shutdown()

@@ -14,6 +14,12 @@ weights first and then move the name, so a request gets the old adapter or the n
 then unload `price.v3`. If the load or the probe fails, `price` keeps its old version and the error is reported.
 A rollback is the same move backwards: sync follows wherever the alias points.
 
+With `route` (`lorafleet sync --route-port PORT`, what vLLM needs): no name on the server is ever reused for other
+weights. Each version is loaded under a name of its own, `price.v3-<digest of its files>`, probed, and then the
+alias router (serving/alias_router.py) in front of the one target sends `price` there; the version before is
+unloaded after the switch. vLLM keys prefix-cache blocks by the adapter's name, so moving a name to new weights
+(in place, or by unload + load) could serve KV computed with the old ones (vllm-project/vllm issue 42125).
+
 Managed adapters are those loaded from a folder inside `<storage>/adapters/` (what sync and `lorafleet serve
 --adapters` load) plus what this process loaded; anything else (an adapter loaded by hand from another folder)
 and the base model are never touched. HTTP calls are retried with exponential backoff on connection errors and
@@ -22,9 +28,9 @@ and the base model are never touched. HTTP calls are retried with exponential ba
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -33,83 +39,16 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lorafleet.errors import LorafleetError
-from lorafleet.paths import default_storage_uri
 from lorafleet.registry import NotFound, Registry, RegistryError, parse_reference, resolve
+from lorafleet.serving.alias_router import AliasTable
 from lorafleet.serving.client import ServingAPIError, ServingClient
 from lorafleet.serving.config import check_adapter_name
+from lorafleet.serving.sync_config import SyncConfig
 
 log = logging.getLogger("lorafleet.sync")
 T = TypeVar("T")
-
-DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
-URL_PATTERN = re.compile(r"^https?://[^/\s]+(/[^\s]*)?$")
-
-
-def parse_duration(value: str | float) -> float:
-    """Seconds in a Go-style duration (`30s`, `5m`, `1m30s`, `1h`, `250ms`) or a plain number of seconds."""
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        text = str(value).strip()
-        try:
-            seconds = float(text)
-        except ValueError:
-            parts = DURATION_PART.findall(text)
-            if not parts or "".join(number + unit for number, unit in parts) != text:
-                raise ValueError(f"invalid duration {value!r}: use e.g. 30s, 5m, 1m30s, 250ms or seconds") from None
-            seconds = sum(float(number) * DURATION_UNITS[unit] for number, unit in parts)
-    if seconds <= 0:
-        raise ValueError(f"invalid duration {value!r}: it must be more than zero")
-    return seconds
-
-
-class SyncConfig(BaseModel):
-    """What `lorafleet sync` keeps in step: which registry, which servers, which adapters."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    storage: str = Field(default_factory=default_storage_uri, description="Storage root holding the registry.")
-    targets: list[str] = Field(min_length=1, description="Base URLs of the servers to sync (every replica).")
-    adapters: list[str] | None = Field(
-        None, description="References NAME[@ALIAS|@vN] to serve; None: every published name at `latest`."
-    )
-    interval_s: float = Field(30.0, description="Seconds between passes (Go-style durations accepted: 30s, 5m).")
-    api_key: str | None = Field(None, description="Bearer token of the servers.")
-    probe_prompt: str = Field("Hello", min_length=1, description="Prompt of the 1-token probe of a new version.")
-    retries: int = Field(3, ge=0, description="Retries of one HTTP call on connection errors and 5xx.")
-    backoff_s: float = Field(0.5, ge=0, description="First retry delay; doubled after each retry.")
-    timeout_s: float = Field(120.0, gt=0, description="Timeout of one HTTP call (loads can take a while).")
-
-    @field_validator("interval_s", mode="before")
-    @classmethod
-    def _duration(cls, value: str | float) -> float:
-        return parse_duration(value)
-
-    @field_validator("targets")
-    @classmethod
-    def _urls(cls, value: list[str]) -> list[str]:
-        bad = [url for url in value if not URL_PATTERN.match(url)]
-        if bad:
-            raise ValueError(f"not a server URL: {', '.join(bad)} (expected http://HOST:PORT)")
-        return [url.rstrip("/") for url in value]
-
-    @field_validator("adapters")
-    @classmethod
-    def _references(cls, value: list[str] | None) -> list[str] | None:
-        served: dict[str, str] = {}
-        for reference in value or []:
-            try:
-                name = parse_reference(reference).name
-            except RegistryError as exc:
-                raise ValueError(str(exc)) from None
-            if name in served:
-                raise ValueError(f"{served[name]} and {reference} would both be served as {name!r}: keep one")
-            served[name] = reference
-        return value
 
 
 class SyncFailed(LorafleetError):
@@ -126,10 +65,16 @@ class DesiredAdapter:
     reference: str
     version: str
     path: str
+    weights: str  # a digest of the version's files
 
     @property
     def label(self) -> str:
         return f"{self.name}@{self.version}"
+
+    @property
+    def served_name(self) -> str:
+        """With routing: the name this version is loaded under on the server, for ever its own."""
+        return check_adapter_name(f"{self.name}.{self.version}-{self.weights}")
 
     @property
     def staging_name(self) -> str:
@@ -171,7 +116,10 @@ def read_desired(config: SyncConfig) -> Desired:
             desired.errors.append(f"{reference}: {exc}")
             desired.keep.add(ref.name)
             continue
-        desired.adapters[ref.name] = DesiredAdapter(ref.name, str(reference), found.version, str(found.path))
+        digest = hashlib.sha256(
+            "".join(f"{name}:{file.sha256};" for name, file in sorted(found.manifest.files.items())).encode()
+        ).hexdigest()[:10]
+        desired.adapters[ref.name] = DesiredAdapter(ref.name, str(reference), found.version, str(found.path), digest)
     return desired
 
 
@@ -208,6 +156,7 @@ class Syncer:
         self.config = config
         self.targets = [Target(url, config) for url in config.targets]
         self.adapters_dir = os.path.realpath(Registry.open(config.storage).kind_dir("adapters"))
+        self.aliases = AliasTable() if config.route else None  # what the router resolves, when routing
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Reconcile every `interval_s` until `stop` is set; a failing pass is logged, never fatal."""
@@ -243,6 +192,9 @@ class Syncer:
             log.error("%s: cannot list adapters: %s", target.url, exc)
             return
         target.forget_missing(loaded)
+        if self.aliases is not None:
+            self._route_target(target, loaded, desired, report)
+            return
         for name in self._unwanted(target, loaded, desired):
             try:
                 self._unload(target, name)
@@ -264,14 +216,49 @@ class Syncer:
                 continue
             report.changes.append(f"{wanted.label} as {wanted.name} on {target.url}")
 
-    def _unwanted(self, target: Target, loaded: dict[str, str | None], desired: Desired) -> list[str]:
+    def _unwanted(
+        self, target: Target, loaded: dict[str, str | None], desired: Desired, wanted: set[str] | None = None
+    ) -> list[str]:
+        wanted = set(desired.adapters) | desired.keep if wanted is None else wanted
         return [
-            name
-            for name, root in loaded.items()
-            if name not in desired.adapters
-            and name not in desired.keep
-            and (self._managed(root) or name in target.ours)
+            name for name, root in loaded.items() if name not in wanted and (self._managed(root) or name in target.ours)
         ]
+
+    # ---- one target behind the alias router: every version under its own name -------------------------------
+
+    def _route_target(self, target: Target, loaded: dict[str, str | None], desired: Desired, report: SyncReport):
+        """Load each wanted version under its own name, probe it, point the alias at it; then unload the rest."""
+        for wanted in desired.adapters.values():
+            served = wanted.served_name
+            if served not in loaded:
+                try:
+                    self._retrying(lambda w=wanted: target.client.load_adapter(w.served_name, w.path))
+                    target.ours[served] = wanted.path
+                    self._retrying(lambda w=wanted: target.client.probe(w.served_name, self.config.probe_prompt))
+                except (httpx.HTTPError, ServingAPIError) as exc:
+                    self._unload_quietly(target, served)
+                    was = self.aliases.get(wanted.name)
+                    report.errors.append(f"{target.url}: {wanted.label}: {exc}; {wanted.name} -> {was or 'nothing'}")
+                    log.error("%s: %s not rolled out: %s", target.url, wanted.label, exc)
+                    continue
+                loaded[served] = wanted.path
+                log.info("loaded %s as %s on %s", wanted.label, served, target.url)
+            if self.aliases.get(wanted.name) != served:
+                was = self.aliases.get(wanted.name)
+                self.aliases.set(wanted.name, served)
+                report.changes.append(f"{wanted.label} as {wanted.name} on {target.url}")
+                log.info("%s -> %s on %s%s", wanted.name, served, target.url, f" (was {was})" if was else "")
+        for alias in set(self.aliases.snapshot()) - set(desired.adapters) - desired.keep:
+            self.aliases.drop(alias)
+        kept = set(self.aliases.snapshot().values())
+        for name in self._unwanted(target, loaded, desired, wanted=kept):
+            try:
+                self._unload(target, name)
+            except (httpx.HTTPError, ServingAPIError) as exc:
+                report.errors.append(f"{target.url}: unload {name}: {exc}")
+                continue
+            report.changes.append(f"unloaded {name} on {target.url}")
+            log.info("unloaded %s (no alias names it) on %s", name, target.url)
 
     def _managed(self, root: str | None) -> bool:
         if not root:

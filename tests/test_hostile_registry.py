@@ -170,7 +170,8 @@ TAMPERED = {
 def test_a_tampered_version_is_refused_by_promote_serve_load_and_sync(good_adapter, tiny_model_dir, tmp_path, case):
     from lorafleet.registry import TamperedVersion, promote, publish_adapter, resolve
     from lorafleet.serving.config import with_registry_adapters
-    from lorafleet.serving.sync import SyncConfig, read_desired
+    from lorafleet.serving.sync import read_desired
+    from lorafleet.serving.sync_config import SyncConfig
 
     storage = tmp_path / "storage"
     version = publish_adapter(storage, "pricing", good_adapter).path

@@ -17,11 +17,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from lorafleet.registry import promote, publish_adapter, rollback, unpublish
+from lorafleet.registry.manifest import read_manifest
 from lorafleet.serving.app import create_app
 from lorafleet.serving.client import ServingClient
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.server import ServerThread
-from lorafleet.serving.sync import SyncConfig, Syncer, parse_duration
+from lorafleet.serving.sync import Syncer
+from lorafleet.serving.sync_config import SyncConfig, parse_duration
 from lorafleet.serving.testing import make_adapter
 from tests.helpers import run_cli
 
@@ -241,3 +243,71 @@ def test_a_failing_probe_keeps_the_old_version(storage, servers, sources):
     result = run_cli("sync", "--storage", storage, "--target", servers[0].url, "--adapters", "price@prod", "--once")
     assert result.returncode == 1 and "the probe of price.v2 failed" in result.stderr
     assert "not converged" in result.stderr
+
+
+# ---- routing aliases: every version under its own name (what vLLM's name-keyed prefix cache needs) ------------
+
+
+class RecordingClient(ServingClient):
+    """The sync's own client, recording every load and unload it sends (name, folder)."""
+
+    calls: list[tuple[str, str, str | None]] = []
+
+    def load_adapter(self, name: str, path: str, *, load_inplace: bool = False) -> str:
+        self.calls.append(("load" + ("_inplace" if load_inplace else ""), name, path))
+        return super().load_adapter(name, path, load_inplace=load_inplace)
+
+    def unload_adapter(self, name: str) -> str:
+        self.calls.append(("unload", name, None))
+        return super().unload_adapter(name)
+
+
+def test_routed_sync_never_reuses_a_name_for_other_weights_and_the_router_follows_the_alias(
+    storage, servers, sources, monkeypatch
+):
+    from lorafleet.registry import Registry
+    from lorafleet.serving.alias_router import create_router
+
+    monkeypatch.setattr("lorafleet.serving.sync.ServingClient", RecordingClient)
+    RecordingClient.calls = []
+    for name in ("ref1", "ref2", "ref3"):
+        publish_adapter(storage, "price", sources[name])
+    promote(storage, "price", "v1")
+    want = {ref: complete(servers[0].url, ref) for ref in REFS}
+    routed = syncer(storage, [servers[0]], ["price@prod"], route=True)
+    with ServerThread(create_router(servers[0].url, routed.aliases)) as router:
+        steps = [("v1", "ref1"), ("v2", "ref2"), ("v1", "ref1"), ("v3", "ref3")]  # promote, rollback, promote
+        for version, ref in steps:
+            promote(storage, "price", version)
+            report = routed.reconcile()
+            assert report.converged, report.errors
+            assert complete(router.url, "price") == want[ref]  # the official client, asking for the alias
+            served = routed.aliases.get("price")
+            assert served.startswith(f"price.{version}-") and set(loaded(servers[0].url)) == {served, *REFS}
+            models = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused").models.list()
+            assert {"price", served} <= {card.id for card in models.data}
+        assert routed.reconcile().changes == [], "a converged pass sends nothing"
+        stream = openai.OpenAI(base_url=f"{router.url}/v1", api_key="unused").completions.create(
+            model="price", prompt=PROMPT, max_tokens=8, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == want["ref3"]  # streamed through
+    routed.close()
+
+    weights_of: dict[str, str] = {}
+    for call, name, path in RecordingClient.calls:
+        assert call != "load_inplace", "routing never replaces the weights behind a name"
+        if call == "load":
+            version_dir = Registry.open(storage).version_dir("price", path.rsplit("/", 1)[-1])
+            digest = "".join(sorted(f.sha256 for f in read_manifest(version_dir).files.values()))
+            assert weights_of.setdefault(name, digest) == digest, f"{name} was loaded with other weights"
+    assert len(weights_of) == 3 and "price" not in weights_of
+    assert [call for call, *_ in RecordingClient.calls].count("unload") == 3  # each old version, after the switch
+
+
+def test_routing_needs_exactly_one_target(tmp_path):
+    with pytest.raises(ValueError, match="exactly one --target"):
+        SyncConfig(storage=str(tmp_path), targets=["http://a:1", "http://b:1"], route=True)
+    result = run_cli(
+        "sync", "--storage", str(tmp_path), "--target", "http://a:1", "--target", "http://b:1", "--route-port", "0"
+    )
+    assert result.returncode == 2 and "--target" in result.stderr and "exactly one" in result.stderr

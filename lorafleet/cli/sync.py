@@ -15,7 +15,7 @@ import threading
 
 import typer
 
-from lorafleet.errors import ConfigError
+from lorafleet.errors import ConfigError, Problem
 from lorafleet.yamlsource import validation_problems
 
 
@@ -32,14 +32,23 @@ def sync(
         None, "--api-key", envvar="LORAFLEET_API_KEY", help="The servers' bearer token (env LORAFLEET_API_KEY)."
     ),
     once: bool = typer.Option(False, "--once", help="One pass, then exit: 0 if converged, 1 if not."),
+    route_port: int = typer.Option(
+        None,
+        "--route-port",
+        help="Serve the alias router on this port: clients ask it for NAME, the --target serves each version "
+        "under a name of its own (NAME.vN-DIGEST), never reusing a name for other weights (vLLM).",
+    ),
+    route_host: str = typer.Option("127.0.0.1", "--route-host", help="Interface of the router (0.0.0.0 in a pod)."),
 ) -> None:
     """Load, switch and unload adapters on every --target so they serve what the registry's references name."""
     from lorafleet.cli.serve import split_list
     from lorafleet.serving.sync import Syncer, SyncFailed
 
-    config = _config(storage, target, split_list(adapters) if adapters is not None else None, interval, api_key)
+    references = split_list(adapters) if adapters is not None else None
+    config = _config(storage, target, references, interval, api_key, route=route_port is not None)
     _log_to_stderr()
     syncer = Syncer(config)
+    router = _start_router(config, syncer, route_host, route_port) if route_port is not None else None
     try:
         if once:
             report = syncer.reconcile()
@@ -54,21 +63,37 @@ def sync(
             signal.signal(sig, lambda *_: stop.set())
         syncer.run(stop)
     finally:
+        if router is not None:
+            router.stop()
         syncer.close()
 
 
-def _config(storage, targets, adapters, interval, api_key):
+def _start_router(config, syncer, host: str, port: int):
+    """The alias router in front of the one target, in a background thread (sync's loop keeps the main one)."""
+    from lorafleet.serving.alias_router import create_router
+    from lorafleet.serving.server import ServerThread
+
+    try:
+        router = ServerThread(create_router(config.targets[0], syncer.aliases), host, port).start()
+    except OSError as exc:
+        raise ConfigError("command line", [Problem("--route-port", f"cannot listen on {host}:{port}: {exc}")]) from None
+    typer.echo(f"alias router on {router.url} -> {config.targets[0]}", err=True)
+    return router
+
+
+def _config(storage, targets, adapters, interval, api_key, *, route: bool):
     from pydantic import ValidationError
 
-    from lorafleet.serving.sync import SyncConfig
+    from lorafleet.serving.sync_config import SyncConfig
 
-    values = {"targets": targets, "adapters": adapters, "interval_s": interval, "api_key": api_key}
+    values = {"targets": targets, "adapters": adapters, "interval_s": interval, "api_key": api_key, "route": route}
     if storage:
         values["storage"] = storage
     try:
         return SyncConfig(**values)
     except ValidationError as exc:
         flags = {"targets": "--target", "adapters": "--adapters", "interval_s": "--interval", "storage": "--storage"}
+        flags |= {"route": "--route-port", "": "--target"}
         problems = validation_problems(exc, where=lambda keys: flags.get(keys[0] if keys else "", "arguments"))
         raise ConfigError("command line", problems) from None
 

@@ -287,8 +287,13 @@ def check_defaults(objs, deployment, server, claim):
     sync = container(deployment, "sync")
     assert sync["image"] == "lorafleet:0.1.0"
     assert sync["command"] + sync["args"] == [
-        "lorafleet", "sync", "--storage", MOUNT, "--target", "http://127.0.0.1:8000", "--interval", "30s"
+        "lorafleet", "sync", "--storage", MOUNT, "--target", "http://127.0.0.1:8000", "--interval", "30s",
+        "--route-port", "8001", "--route-host", "0.0.0.0",
     ]  # fmt: skip
+    # vLLM: clients reach the alias router in the sidecar, which sends each alias to its version's own name
+    assert sync["ports"] == [{"name": "router", "containerPort": 8001, "protocol": "TCP"}]
+    assert sync["readinessProbe"]["httpGet"] == {"path": "/health", "port": "router"}
+    assert one(objs, "Service")["spec"]["ports"][0]["targetPort"] == "router"
 
 
 def check_cpu_backend(objs, deployment, server, claim):
@@ -303,6 +308,9 @@ def check_cpu_backend(objs, deployment, server, claim):
     assert "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env and "VLLM_API_KEY" not in env
     assert env["LORAFLEET_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm-key", "key": "api-key"}
     assert env["LORAFLEET_STORAGE"]["value"] == MOUNT  # the registry is an allowed root for runtime loads
+    # The cpu engine keys its prefix cache per load and serves aliases itself: no router in front of it
+    assert "--route-port" not in container(deployment, "sync")["args"]
+    assert one(objs, "Service")["spec"]["ports"][0]["targetPort"] == "http"
 
 
 def check_hpa(objs, deployment, server, claim):
@@ -342,7 +350,7 @@ def check_three_adapters(objs, deployment, server, claim):
     ]
     sync = container(deployment, "sync")
     assert sync["args"][sync["args"].index("--adapters") + 1] == "pricing@prod,support,sql.v2@v12"
-    assert sync["args"][-2:] == ["--interval", "1m"]
+    assert sync["args"][sync["args"].index("--interval") + 1] == "1m"
     pvc = one(objs, "PersistentVolumeClaim")
     assert pvc["metadata"]["name"] == claim
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"] and pvc["spec"]["storageClassName"] == "nfs"
@@ -367,7 +375,7 @@ def check_pdb_netpol_servicemonitor(objs, deployment, server, claim):
     assert pdb["spec"]["minAvailable"] == 1 and matches(pdb["spec"]["selector"]["matchLabels"], pod_labels)
     assert matches(netpol["spec"]["podSelector"]["matchLabels"], pod_labels)
     ingress = netpol["spec"]["ingress"][0]
-    assert ingress["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert ingress["ports"] == [{"port": "router", "protocol": "TCP"}]  # vllm: only the alias router, as the Service
     test_pod_labels = one(objs, "Pod")["metadata"]["labels"]
     assert {"namespaceSelector": {"matchLabels": {"team": "apps"}}} in ingress["from"]
     assert any(
@@ -432,11 +440,13 @@ def test_template_rules_reported_all_at_once(helm, tmp_path):
         "lora": {"maxLoras": 8, "maxCpuLoras": 4},
         "adapters": [{"name": "pricing", "version": "v1"}, {"name": "pricing", "version": "v2"}],
         "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2},
+        "sync": {"router": {"port": 8000}},
     }
     expected = [
         "lora.maxCpuLoras (4) must be >= lora.maxLoras (8)",
         'adapters: "pricing" is listed twice',
         "autoscaling.minReplicas (5) is greater than autoscaling.maxReplicas (2)",
+        "sync.router.port (8000) must differ from containerPort (8000)",
     ]
     out = run_helm(helm, "template", RELEASE, values=values, tmp_path=tmp_path)
     assert out.returncode != 0

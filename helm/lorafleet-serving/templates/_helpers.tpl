@@ -117,7 +117,16 @@ The server's argv as a JSON list: command first, then args. For vllm it must equ
 {{- with include "lorafleet-serving.syncAdapters" . }}
 {{- $argv = concat $argv (list "--adapters" .) }}
 {{- end }}
-{{- toJson (concat $argv (list "--interval" .Values.sync.interval)) }}
+{{- $argv = concat $argv (list "--interval" .Values.sync.interval) }}
+{{- if include "lorafleet-serving.routed" . }}
+{{- $argv = concat $argv (list "--route-port" (toString .Values.sync.router.port) "--route-host" "0.0.0.0") }}
+{{- end }}
+{{- toJson $argv }}
+{{- end }}
+
+{{/* "true" when the sync sidecar routes aliases (vllm backend): the Service then targets the router's port. */}}
+{{- define "lorafleet-serving.routed" -}}
+{{- if and (eq .Values.backend "vllm") .Values.sync.enabled .Values.sync.router.enabled }}true{{ end }}
 {{- end }}
 
 {{/* Server resources: `resources` plus the GPU limit from vllm.gpus (vllm backend only). */}}
@@ -148,6 +157,9 @@ rule is in values.schema.json. Every problem is collected, then `fail` reports t
 {{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- $errors = append $errors (printf "autoscaling.minReplicas (%v) is greater than autoscaling.maxReplicas (%v)" $v.autoscaling.minReplicas $v.autoscaling.maxReplicas) }}
+{{- end }}
+{{- if and (include "lorafleet-serving.routed" .) (eq (int $v.sync.router.port) (int $v.containerPort)) }}
+{{- $errors = append $errors (printf "sync.router.port (%v) must differ from containerPort (%v): the router and the server share the pod" $v.sync.router.port $v.containerPort) }}
 {{- end }}
 {{- if $errors }}
 {{- fail (printf "\n\nlorafleet-serving: %d invalid value(s):\n  - %s\n" (len $errors) (join "\n  - " $errors)) }}

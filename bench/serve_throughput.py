@@ -41,6 +41,13 @@ def parse_args() -> argparse.Namespace:
         "--peft-mixed", action="store_true", help="route mixed batches through PEFT's adapter_names forward instead"
     )
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of mixed and single (best is kept)")
+    parser.add_argument(
+        "--peer",
+        choices=["llama.cpp"],
+        default=None,
+        help="also run one-adapter and mixed over HTTP (the official openai client) against this peer and against "
+        "lorafleet serve, and print lorafleet/peer (llama.cpp is built into the cache on first use: minutes)",
+    )
     return parser.parse_args()
 
 
@@ -126,6 +133,68 @@ def hot_load_ms(engine, adapter_dir, count, busy_prompt=None) -> list[float]:
     return asyncio.run(main())
 
 
+async def _http_one(client, model: str, prompt: str, tokens: int, extra: dict) -> int:
+    answer = await client.completions.create(
+        model=model, prompt=prompt, max_tokens=tokens, temperature=0, extra_body={"ignore_eos": True, **extra}
+    )
+    return answer.usage.completion_tokens
+
+
+def http_tokens_per_s(url: str, prompts: list[str], requests: list[tuple[str, dict]], tokens: int) -> float:
+    """All requests at once through the official openai client; `requests`: (model, extra body) per prompt."""
+    import openai
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) as client:
+            started = time.perf_counter()
+            jobs = (_http_one(client, m, p, tokens, e) for p, (m, e) in zip(prompts, requests, strict=True))
+            counts = await asyncio.gather(*jobs)
+            return sum(counts) / (time.perf_counter() - started)
+
+    return asyncio.run(main())
+
+
+def peer_table(args: argparse.Namespace, config, base_dir, adapter_dirs) -> None:
+    """lorafleet serve and llama.cpp's server, same weights (F32), same requests: one adapter, then 4 mixed."""
+    from llama_cpp_peer import LlamaServer, convert, llama_server
+
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.server import ServerThread
+
+    binary, source = llama_server()
+    base_gguf, lora_ggufs = convert(source, Path(base_dir), adapter_dirs, Path(tempfile.mkdtemp(prefix="gguf-")))
+    prompts = [f"Request {i}: describe item number {i} in a few words." for i in range(args.requests)]
+    one = [ADAPTERS[0]] * args.requests
+    mixed = [ADAPTERS[i % 4] for i in range(args.requests)]
+    scenarios = {"one adapter": one, "4 adapters mixed": mixed}
+    ours: dict[str, list[float]] = {name: [] for name in scenarios}
+    theirs: dict[str, list[float]] = {name: [] for name in scenarios}
+    with ServerThread(create_app(config)) as server:
+        http_tokens_per_s(server.url, prompts[:4], [(m, {}) for m in mixed[:4]], 4)  # warm-up
+        for _ in range(args.repeat):
+            for name, models in scenarios.items():
+                ours[name].append(http_tokens_per_s(server.url, prompts, [(m, {}) for m in models], args.tokens))
+    threads = args.threads or os.cpu_count() or 1
+    peer = LlamaServer(binary, base_gguf, lora_ggufs, slots=args.requests, threads=threads, context=512)
+    try:
+        lora = {name: {"lora": [{"id": index, "scale": 1.0}]} for index, name in enumerate(ADAPTERS)}
+        http_tokens_per_s(peer.url, prompts[:4], [("base", lora[m]) for m in mixed[:4]], 4)
+        for _ in range(args.repeat):
+            for name, models in scenarios.items():
+                requests = [("base", lora[m]) for m in models]
+                theirs[name].append(http_tokens_per_s(peer.url, prompts, requests, args.tokens))
+    finally:
+        peer.close()
+    print(f"\nover HTTP, {args.requests} requests at once x {args.tokens} tokens, F32 both, {threads} threads "
+          f"(llama.cpp: {binary.parent.parent.parent.parent.name}, {args.requests} slots)")  # fmt: skip
+    print(f"{'scenario':<18} {'lorafleet':>10} {'llama.cpp':>10} {'lorafleet/llama.cpp':>20}")
+    for name in scenarios:
+        a, b = max(ours[name]), max(theirs[name])
+        print(f"{name:<18} {a:>10.1f} {b:>10.1f} {a / b:>19.2f}x")
+    for side, runs in (("lorafleet", ours), ("llama.cpp", theirs)):
+        print(f"{side} mixed/one = {max(runs['4 adapters mixed']) / max(runs['one adapter']):.2f}x")
+
+
 def start_engine(args: argparse.Namespace):
     """(engine, base folder, adapter folders): the CPU engine serving four random LoRA adapters."""
     from lorafleet.models import resolve_model
@@ -153,14 +222,14 @@ def start_engine(args: argparse.Namespace):
     engine = CPUEngine(config)
     engine.start()
     engine.store.stack_lora = not args.peft_mixed
-    return engine, base_dir, adapter_dirs
+    return engine, base_dir, adapter_dirs, config
 
 
 def main() -> None:
     args = parse_args()
     import torch
 
-    engine, base_dir, adapter_dirs = start_engine(args)
+    engine, base_dir, adapter_dirs, config = start_engine(args)
     tokenizer = engine.tokenizer
     prompts = [
         tokenizer(f"Request {i}: describe item number {i} in a few words.").input_ids for i in range(args.requests)
@@ -197,6 +266,8 @@ def main() -> None:
         f"hot-load latency: idle median {statistics.median(idle_loads):.1f} ms (max {max(idle_loads):.1f}); "
         f"during decoding median {statistics.median(busy_loads):.1f} ms (max {max(busy_loads):.1f})"
     )
+    if args.peer:
+        peer_table(args, config, base_dir, adapter_dirs)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ class PackedLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = _PACKED.get(self)
-        if packed is None or x.dtype != torch.float32 or x.device.type != "cpu" or not _current(packed, self.weight):
+        if packed is None or not _current(packed, self.weight):
             return F.linear(x, self.weight, self.bias)
         if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
             return F.linear(x, self.weight, self.bias)  # oneDNN's packed linear has no backward
-        return torch.ops.mkldnn._linear_pointwise(x, packed.weight, self.bias, "none", [], "")
+        return linear(x, self.weight, packed.weight, self.bias)
 
 
 def _current(packed: _Packed, weight: torch.Tensor) -> bool:
@@ -60,11 +60,13 @@ def packed_weight(weight: torch.Tensor) -> torch.Tensor | None:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight)`, by the packed copy of `weight` when there is one and `x` suits it."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor | None, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, by the packed copy of `weight` when there is one and `x` suits it."""
     if packed is None or x.dtype != torch.float32 or x.device.type != "cpu":
-        return F.linear(x, weight)
-    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def pack_linears(model: torch.nn.Module) -> int:

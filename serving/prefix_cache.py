@@ -101,8 +101,3 @@ class PrefixCache:
         (a missing head would leave the rest of the chain unreachable)."""
         for key in reversed(chain):
             self._blocks.move_to_end(key)
-
-    def clear(self) -> None:
-        self._blocks.clear()
-        self._sizes.clear()
-        self.stats.bytes = self.stats.blocks = 0

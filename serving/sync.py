@@ -195,15 +195,7 @@ class Syncer:
         if self.aliases is not None:
             self._route_target(target, loaded, desired, report)
             return
-        for name in self._unwanted(target, loaded, desired):
-            try:
-                self._unload(target, name)
-            except (httpx.HTTPError, ServingAPIError) as exc:
-                report.errors.append(f"{target.url}: unload {name}: {exc}")
-                log.error("%s: could not unload %s: %s", target.url, name, exc)
-                continue
-            report.changes.append(f"unloaded {name} on {target.url}")
-            log.info("unloaded %s (no longer wanted) on %s", name, target.url)
+        self._unload_all(target, self._unwanted(target, loaded, desired), report, "no longer wanted")
         for wanted in desired.adapters.values():
             current = target.root_of(wanted.name, loaded)
             if same_folder(current, wanted.path):
@@ -243,22 +235,26 @@ class Syncer:
                     continue
                 loaded[served] = wanted.path
                 log.info("loaded %s as %s on %s", wanted.label, served, target.url)
-            if self.aliases.get(wanted.name) != served:
-                was = self.aliases.get(wanted.name)
+            was = self.aliases.get(wanted.name)
+            if was != served:
                 self.aliases.set(wanted.name, served)
                 report.changes.append(f"{wanted.label} as {wanted.name} on {target.url}")
                 log.info("%s -> %s on %s%s", wanted.name, served, target.url, f" (was {was})" if was else "")
         for alias in set(self.aliases.snapshot()) - set(desired.adapters) - desired.keep:
             self.aliases.drop(alias)
         kept = set(self.aliases.snapshot().values())
-        for name in self._unwanted(target, loaded, desired, wanted=kept):
+        self._unload_all(target, self._unwanted(target, loaded, desired, wanted=kept), report, "no alias names it")
+
+    def _unload_all(self, target: Target, names: list[str], report: SyncReport, why: str) -> None:
+        for name in names:
             try:
                 self._unload(target, name)
             except (httpx.HTTPError, ServingAPIError) as exc:
                 report.errors.append(f"{target.url}: unload {name}: {exc}")
+                log.error("%s: could not unload %s: %s", target.url, name, exc)
                 continue
             report.changes.append(f"unloaded {name} on {target.url}")
-            log.info("unloaded %s (no alias names it) on %s", name, target.url)
+            log.info("unloaded %s (%s) on %s", name, why, target.url)
 
     def _managed(self, root: str | None) -> bool:
         if not root:

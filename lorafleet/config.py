@@ -33,6 +33,10 @@ from lorafleet.sweep_trials import check_sweep
 from lorafleet.yamlsource import UNKNOWN_KEY, YamlSource, apply_overrides, validation_message
 
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# Sanity bounds: past these a value is a typo, and would overflow or hang far from the line that set it.
+MAX_STEPS = 10**9
+MAX_WORKERS = 4096
+MAX_WORKER_RESOURCE = 1e6
 
 
 class ModelSection(Section):
@@ -93,7 +97,9 @@ class EarlyStoppingSection(Section):
 
 
 class TrainingSection(Section):
-    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (wins over epochs).")
+    max_steps: int | None = Field(
+        None, gt=0, le=MAX_STEPS, description="Stop after this many optimizer steps (wins over epochs)."
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training data when max_steps is not set.")
     micro_batch_size: int = Field(2, gt=0, description="Examples per worker per forward pass.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
@@ -190,7 +196,9 @@ class FsdpSection(Section):
 
 
 class DistributedSection(Section):
-    num_workers: int = Field(1, gt=0, description="Ray Train workers (one process each).")
+    num_workers: int = Field(
+        1, gt=0, le=MAX_WORKERS, description="Ray Train workers (one process each; must fit the cluster's CPUs)."
+    )
     use_gpu: bool = Field(False, description="One GPU per worker.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=lambda: {"CPU": 1}, description="Ray resources per worker, e.g. {CPU: 4, GPU: 1}."
@@ -206,8 +214,8 @@ class DistributedSection(Section):
     @model_validator(mode="after")
     def _gpus_need_use_gpu(self) -> DistributedSection:
         for name, amount in self.resources_per_worker.items():
-            if amount < 0:
-                raise ValueError(f"resources_per_worker.{name} must be >= 0, got {amount}")
+            if not 0 <= amount <= MAX_WORKER_RESOURCE:
+                raise ValueError(f"resources_per_worker.{name} must be from 0 to {MAX_WORKER_RESOURCE}, got {amount}")
         if self.resources_per_worker.get("GPU", 0) > 0 and not self.use_gpu:
             raise ValueError("resources_per_worker.GPU > 0 needs use_gpu: true (or drop the GPU entry)")
         if self.deepspeed is not None and self.strategy != "deepspeed":

@@ -15,7 +15,6 @@ sequences share batches with LoRA ones.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +23,8 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serving.config import ServingConfig, check_adapter_name
 
 AdapterKind = Literal["lora", "dora", "prompt", "prefix"]
-SERVED_PEFT_TYPES = {"LORA": "lora", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
+# How the engine applies each PEFT type it serves (which types: `lorafleet.registry.contract.CPU_PEFT_TYPES`).
+ADAPTER_KINDS = {"LORA": "lora", "PROMPT_TUNING": "prompt", "P_TUNING": "prompt", "PREFIX_TUNING": "prefix"}
 
 
 class AdapterError(LorafleetError):
@@ -80,6 +80,8 @@ def inside_roots(path: str | Path, roots: list[Path]) -> Path:
 def inspect_adapter(name: str, path: str | Path, config: ServingConfig) -> AdapterSpec:
     """Run every check on `name` + `path` and say what kind of adapter it is."""
     from lorafleet.registry import RegistryError, ServingProfile, check_adapter_against_profile, require_intact
+    from lorafleet.registry.checks import load_adapter_config
+    from lorafleet.registry.contract import CPU_PEFT_TYPES
     from lorafleet.registry.manifest import MANIFEST
 
     validate_name(name, config)
@@ -95,22 +97,18 @@ def inspect_adapter(name: str, path: str | Path, config: ServingConfig) -> Adapt
         real = entry.resolve()
         if entry.is_symlink() and not real.is_relative_to(folder):
             raise AdapterError(f"{entry} is a link to {real}, outside the adapter folder: refused", param="lora_path")
+        if real.exists() and not (real.is_file() or real.is_dir()):  # a FIFO would block its reader forever
+            raise AdapterError(f"{entry} is not a regular file (a FIFO, socket or device): refused", param="lora_path")
     try:
-        adapter_config = json.loads((folder / "adapter_config.json").read_text())
-    except FileNotFoundError:
+        adapter_config = load_adapter_config(folder)
+    except RegistryError as exc:
+        raise AdapterError(str(exc), param="lora_path") from None
+    peft_type = adapter_config["peft_type"].upper()
+    if peft_type not in CPU_PEFT_TYPES:
         raise AdapterError(
-            f"{folder} has no adapter_config.json: not a PEFT adapter folder", param="lora_path"
-        ) from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{folder}/adapter_config.json cannot be read: {exc}", param="lora_path") from None
-    peft_type = str(adapter_config.get("peft_type") or "").upper()
-    if peft_type not in SERVED_PEFT_TYPES:
-        raise AdapterError(
-            f"adapter {name!r} is {peft_type or 'of unknown type'}: the CPU engine serves "
-            f"{', '.join(sorted(SERVED_PEFT_TYPES))}",
-            param="lora_path",
+            f"adapter {name!r} is {peft_type}: the CPU engine serves {', '.join(CPU_PEFT_TYPES)}", param="lora_path"
         )
-    kind: AdapterKind = SERVED_PEFT_TYPES[peft_type]  # type: ignore[assignment]
+    kind: AdapterKind = ADAPTER_KINDS[peft_type]  # type: ignore[assignment]
     if kind == "lora" and adapter_config.get("use_dora"):
         kind = "dora"
     if kind in ("prompt", "prefix") and adapter_config.get("task_type") not in (None, "CAUSAL_LM"):

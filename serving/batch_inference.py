@@ -18,7 +18,9 @@ without a socket, so answers equal the server's), a running server (`--server`, 
 
 Resume: a rerun skips rows already in OUTPUT (by `custom_id` when rows have one, else by line number). Each row
 is appended with flush + fsync; a torn last line left by a crash is cut off before anything is appended. The
-errors file is rewritten by every run, since its rows are tried again.
+errors file is rewritten by every run, since its rows are tried again. Nothing else is ever overwritten: an OUTPUT
+or errors file holding anything but this command's rows, or the input itself, is refused (exit 2), untouched.
+An input line over 8 MiB, not UTF-8, nested deeper than 64 levels or holding a huge number is that row's error.
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import LorafleetError
-from lorafleet.serving.batch_rows import BatchJob, JsonlAppender, Row, RowError, finished_rows, output_record, read_rows
+from lorafleet.serving.batch_rows import (
+    BatchJob,
+    ForeignOutput,
+    JsonlAppender,
+    Row,
+    RowError,
+    check_errors_file,
+    finished_rows,
+    output_record,
+    read_rows,
+)
 from lorafleet.serving.batch_send import Sender, answer_all, error_text, in_process_sender
 from lorafleet.serving.config import ServingConfig
 
@@ -58,7 +70,9 @@ def run_batch(job: BatchJob) -> BatchSummary:
     """Answer every row of `job.input` not yet in `job.output`; failures go to the errors file."""
     from tqdm import tqdm
 
+    refuse_input_as_output(job)
     done_lines, done_ids = finished_rows(job.output)
+    check_errors_file(job.errors_path)
     summary = BatchSummary(errors_path=job.errors_path)
     todo: list[Row] = []
     out = JsonlAppender(job.output)
@@ -96,6 +110,13 @@ def run_batch(job: BatchJob) -> BatchSummary:
     if not summary.failed:
         job.errors_path.unlink(missing_ok=True)
     return summary
+
+
+def refuse_input_as_output(job: BatchJob) -> None:
+    """--out or its errors file being the input would destroy the input: refused before anything is opened."""
+    for path, what in ((job.output, "--out"), (job.errors_path, "the errors file")):
+        if path.exists() and job.input.exists() and path.samefile(job.input):
+            raise ForeignOutput(f"{what} {path} is the input file itself: choose another --out")
 
 
 async def _answer_here(job: BatchJob, rows: list[Row], on_done) -> None:

@@ -14,10 +14,19 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorafleet.errors import LorafleetError
+from lorafleet.json_input import JsonInputError, parse_json
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+MAX_ROW_BYTES = 8 * 2**20  # one request line
+
+
+class ForeignOutput(LorafleetError):
+    """--out (or its errors file) holds something `lorafleet batch` did not write: it is never truncated."""
+
+    exit_code = 2
 
 
 class BatchJob(BaseModel):
@@ -68,13 +77,21 @@ class RowError:
 
 
 def read_rows(path: Path, default_model: str | None) -> Iterator[Row | RowError]:
-    """Every non-blank line as a validated Row, or a RowError saying what is wrong with it."""
+    """Every non-blank line as a validated Row, or a RowError saying what is wrong with it (one bad line never
+    stops the others: bad UTF-8, nesting, huge numbers and over-long lines are each that line's error)."""
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
+    with open(path, "rb") as handle:
+        number = 0
+        while raw := handle.readline(MAX_ROW_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_ROW_BYTES and not raw.endswith(b"\n"):
+                while (rest := handle.readline(2**20)) and not rest.endswith(b"\n"):
+                    pass  # the rest of the over-long line, never held whole
+                yield RowError(number, None, 413, f"the line is longer than {MAX_ROW_BYTES // 2**20} MiB")
                 continue
-            row = parse_row(number, text, default_model)
+            if not raw.strip():
+                continue
+            row = parse_row(number, raw, default_model)
             if isinstance(row, Row) and row.custom_id is not None:
                 if row.custom_id in seen:
                     yield RowError(
@@ -85,11 +102,11 @@ def read_rows(path: Path, default_model: str | None) -> Iterator[Row | RowError]
             yield row
 
 
-def parse_row(number: int, text: str, default_model: str | None) -> Row | RowError:
+def parse_row(number: int, text: str | bytes, default_model: str | None) -> Row | RowError:
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        return RowError(number, None, 400, f"invalid JSON: {exc}")
+        data = parse_json(text)
+    except JsonInputError as exc:
+        return RowError(number, None, 400, str(exc))
     if not isinstance(data, dict):
         return RowError(number, None, 400, "a row must be a JSON object")
     custom_id = data.pop("custom_id", None)
@@ -156,22 +173,29 @@ class JsonlAppender:
 
 
 def finished_rows(path: Path) -> tuple[set[int], set[str]]:
-    """Line numbers and custom_ids already answered in `path`; a torn last line (a crash) is cut off."""
+    """Line numbers and custom_ids already answered in `path`; a torn last line (a crash) is cut off.
+
+    Only a file this command wrote is ever appended to or cut: every complete line must be one of its output
+    rows, and only a last line without its newline counts as torn. Anything else is ForeignOutput.
+    """
     lines: set[int] = set()
     ids: set[str] = set()
-    if not path.is_file():
+    if not path.exists():
         return lines, ids
+    check_own_file(path, "--out")
     keep = 0
     with open(path, "rb") as handle:
-        for raw in handle:
-            try:
-                record = json.loads(raw) if raw.endswith(b"\n") else None
-            except json.JSONDecodeError:
-                record = None
-            if not isinstance(record, dict) or "line" not in record:
-                break  # only the last line can be torn: appends are whole rows, each fsynced
+        for number, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                break  # the torn last line of a crashed run: appends are whole rows, each fsynced
+            record = _own_record(raw, OUTPUT_KEYS)
+            if record is None:
+                raise ForeignOutput(
+                    f"--out {path}: line {number} is not a row `lorafleet batch` writes, so the file is not its "
+                    "earlier output; it is left untouched: choose another --out"
+                )
             keep += len(raw)
-            lines.add(int(record["line"]))
+            lines.add(record["line"])
             if record.get("custom_id") is not None:
                 ids.add(str(record["custom_id"]))
     if keep != path.stat().st_size:
@@ -180,6 +204,39 @@ def finished_rows(path: Path) -> tuple[set[int], set[str]]:
             handle.flush()
             os.fsync(handle.fileno())
     return lines, ids
+
+
+OUTPUT_KEYS = frozenset({"line", "custom_id", "model", "response"})
+ERROR_KEYS = frozenset({"line", "custom_id", "status", "error"})
+
+
+def check_errors_file(path: Path) -> None:
+    """The errors file is rewritten by every run: only when it is missing or holds only error rows."""
+    if not path.exists():
+        return
+    check_own_file(path, "the errors file")
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.endswith(b"\n") and _own_record(raw, ERROR_KEYS) is None:
+                raise ForeignOutput(
+                    f"{path}: line {number} is not an error row of `lorafleet batch`, and this file would be "
+                    "rewritten: move it, or choose another --out"
+                )
+
+
+def check_own_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise ForeignOutput(f"{what} {path} exists and is not a regular file: choose another --out")
+
+
+def _own_record(raw: bytes, keys: frozenset[str]) -> dict | None:
+    try:
+        record = parse_json(raw)
+    except JsonInputError:
+        return None
+    if not isinstance(record, dict) or set(record) != keys or type(record["line"]) is not int:
+        return None
+    return record
 
 
 def output_record(row: Row, response: dict[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Choosing the next token, and turning token ids into streamed text that stops at stop strings.
 
-Greedy when temperature is 0; otherwise temperature, top-k and top-p, drawn from a generator seeded per request
+Greedy when temperature is (nearly) 0; otherwise temperature, top-k and top-p, drawn from a generator seeded per request
 (`seed`), so a seeded request gives the same text whatever else shares its batch. A row whose logits are not
 finite (an adapter with NaN weights) gets no token (None): the engine fails that request alone.
 """
@@ -11,6 +11,8 @@ import secrets
 from dataclasses import dataclass, field
 
 import torch
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # Below this, dividing the logits by the temperature overflows float32 (1e-300 → inf), and the draw is
+        # greedy in all but name anyway; vLLM uses the same threshold.
+        return self.temperature < GREEDY_BELOW
 
 
 def make_generator(seed: int | None) -> torch.Generator:
@@ -52,6 +56,8 @@ def choose_tokens(
             kth = torch.topk(scores, param.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
+        if not bool(torch.isfinite(probs).all()):  # overflow of huge logits / temperature: its mode, not an error
+            continue
         if param.top_p < 1.0:
             sorted_probs, order = torch.sort(probs, descending=True)
             # Keep the smallest set whose mass reaches top_p (the first token always stays).

@@ -12,7 +12,9 @@ A rollout never lets `price` answer with an unverified adapter: load v3 as `pric
 1-token completion, then load v3 under `price` in place (`load_inplace`: the CPU engine and vLLM load the new
 weights first and then move the name, so a request gets the old adapter or the new one, never half of one),
 then unload `price.v3`. If the load or the probe fails, `price` keeps its old version and the error is reported.
-A rollback is the same move backwards: sync follows wherever the alias points.
+A rollback is the same move backwards: sync follows wherever the alias points. Only a name that is no longer
+published is unloaded: an alias naming a version that is not there, or a registry that cannot be read, is an
+error in the log and the pass's report, and the name keeps serving what it serves.
 
 With `route` (`lorafleet sync --route-port PORT`, what vLLM needs): no name on the server is ever reused for other
 weights. Each version is loaded under a name of its own, `price.v3-<digest of its files>`, probed, and then the
@@ -109,7 +111,12 @@ def read_desired(config: SyncConfig) -> Desired:
         try:
             found = resolve(registry.base, ref)
         except NotFound as exc:
-            if config.adapters is not None:  # asked for by name, but not (or no longer) published: not served
+            if registry.name_dir(ref.name, "adapters").is_dir():
+                # The name is published but its alias names a version that is not there (a half-copied registry,
+                # a hand edit): an error, and whatever serves the name now keeps serving it.
+                desired.errors.append(f"{reference}: {exc}; {ref.name} keeps what it serves now")
+                desired.keep.add(ref.name)
+            elif config.adapters is not None:  # asked for by name, but not (or no longer) published: not served
                 desired.errors.append(f"{reference}: {exc}")
             continue
         except (RegistryError, OSError) as exc:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from lorafleet.serving import batch_rows
 from lorafleet.serving.batch_inference import run_batch
 from lorafleet.serving.batch_rows import BatchJob
-from tests.helpers import BASE_ID, REPO, tiny_serving_config, two_adapters
+from tests.helpers import BASE_ID, REPO, run_cli, tiny_serving_config, two_adapters
 
 GREEDY = {"max_tokens": 3, "temperature": 0, "ignore_eos": True}
 KINDS = {
@@ -34,6 +34,9 @@ KINDS = {
     "bad json": lambda i: '{"custom_id": "broken", "prompt": ',
     "unknown field": lambda i: json.dumps({"model": "a", "prompt": "x", "temprature": 1}),
     "blank": lambda i: "",
+    "invalid utf-8": lambda i: b'{"model": "a", "prompt": "caf\xe9"}',
+    "nested 5000 deep": lambda i: '{"model": "a", "prompt": "x", "user": ' + "[" * 5000 + "]" * 5000 + "}",
+    "5000-digit integer": lambda i: '{"model": "a", "prompt": "x", "max_tokens": 1' + "0" * 5000 + "}",
 }
 
 
@@ -49,7 +52,8 @@ def server(tiny_model_dir, tmp_path_factory):
 
 def write_input(path: Path, kinds: list[str]) -> set[int]:
     lines = [KINDS["ok"](0)] + [KINDS[kind](i) for i, kind in enumerate(kinds, start=1)]
-    path.write_text("".join(line + "\n" for line in lines))
+    lines = [line if isinstance(line, bytes) else line.encode() for line in lines]
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
     return {number for number, line in enumerate(lines, start=1) if line.strip()}
 
 
@@ -79,6 +83,55 @@ def test_a_duplicate_custom_id_stays_in_the_errors_file_after_a_resume(server, t
     assert (again.ok, again.skipped, again.failed) == (0, 3, 1)
     assert lines_in(job.errors_path) == [3] and "also on line 1" in job.errors_path.read_text()
     assert_each_line_once(job, expected)
+
+
+def test_bad_lines_are_their_rows_errors_and_every_other_row_is_answered(server, tmp_path: Path) -> None:
+    """Invalid UTF-8, deep nesting, a 5000-digit integer and a 9 MiB line never stop the batch."""
+    kinds = ["invalid utf-8", "ok", "nested 5000 deep", "5000-digit integer", "ok"]
+    expected = write_input(tmp_path / "in.jsonl", kinds)
+    with open(tmp_path / "in.jsonl", "ab") as handle:
+        handle.write(b'{"model": "a", "prompt": "' + b"x" * (9 * 2**20) + b'"}\n' + KINDS["ok"](9).encode() + b"\n")
+    expected |= {len(expected) + 1, len(expected) + 2}
+    job = BatchJob(input=tmp_path / "in.jsonl", output=tmp_path / "out.jsonl", server=server.url, progress=False)
+    summary = run_batch(job)
+    assert (summary.ok, summary.failed) == (4, 4)
+    errors = {row["line"]: row["error"] for row in map(json.loads, job.errors_path.read_text().splitlines())}
+    assert "not UTF-8" in errors[2] and "nested deeper than" in errors[4] and "too large" in errors[5], errors
+    assert "longer than 8 MiB" in errors[7], errors
+    assert_each_line_once(job, expected)
+
+
+FOREIGN = {
+    "the input itself": lambda folder: folder / "in.jsonl",
+    "a file whose first row has no line": lambda folder: _foreign(folder, '{"note": "mine"}\n'),
+    "another tool's JSONL": lambda folder: _foreign(folder, '{"line": 1, "text": "not a batch row"}\n'),
+    "plain text": lambda folder: _foreign(folder, "keep me\nplease\n"),
+}
+
+
+def _foreign(folder: Path, text: str) -> Path:
+    (folder / "precious.jsonl").write_text(text)
+    return folder / "precious.jsonl"
+
+
+@pytest.mark.parametrize("case", list(FOREIGN))
+def test_batch_never_truncates_a_file_it_did_not_write(server, tmp_path: Path, case: str) -> None:
+    write_input(tmp_path / "in.jsonl", ["ok", "ok"])
+    out = FOREIGN[case](tmp_path)
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    result = run_cli("batch", str(tmp_path / "in.jsonl"), "--out", str(out), "--server", server.url, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert str(out) in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == before
+
+
+def test_batch_never_rewrites_an_errors_file_it_did_not_write(server, tmp_path: Path) -> None:
+    write_input(tmp_path / "in.jsonl", ["bad json"])
+    (tmp_path / "out.errors.jsonl").write_text("my notes\n")
+    job = BatchJob(input=tmp_path / "in.jsonl", output=tmp_path / "out.jsonl", server=server.url, progress=False)
+    with pytest.raises(batch_rows.ForeignOutput, match="not an error row"):
+        run_batch(job)
+    assert (tmp_path / "out.errors.jsonl").read_text() == "my notes\n"
 
 
 class Killed(BaseException):

@@ -25,6 +25,37 @@ CASES = {
     "blank lines only": ("train.jsonl", b"\n\n  \n", "the file has no rows"),
     "header only csv": ("train.csv", b"instruction,output\n", "the file has no rows"),
     "empty json array": ("train.json", b"[]", "the file has no rows"),
+    "nested 5000 deep (jsonl)": (
+        "train.jsonl",
+        GOOD + b'{"instruction": ' + b"[" * 5000 + b"]" * 5000 + b', "output": "x"}\n',
+        ":2: invalid JSON: nested deeper than 64 levels",
+    ),
+    "a 5000-digit integer (jsonl)": (
+        "train.jsonl",
+        GOOD + b'{"instruction": 1' + b"0" * 5000 + b', "output": "x"}\n',
+        ":2: invalid JSON: a number is too large",
+    ),
+    "NaN (jsonl)": ("train.jsonl", GOOD + b'{"instruction": NaN, "output": "x"}\n', ":2: invalid JSON: NaN"),
+    "nested 5000 deep (json array)": (
+        "train.json",
+        b'[{"instruction": ' + b"[" * 5000 + b"]" * 5000 + b', "output": "x"}]',
+        "invalid JSON: nested deeper than",
+    ),
+    "a csv field over 8 MiB": (
+        "train.csv",
+        b"instruction,output\nok,x\n" + b"y" * (8 * 2**20 + 10) + b",x\n",
+        ":3: the line is longer than 8 MiB",
+    ),
+    "an unterminated csv quote": (
+        "train.csv",
+        b'instruction,output\nok,x\n"never closed,x\nmore,x\n',
+        ":3: a quoted field is never closed",
+    ),
+    "a json line over 8 MiB": (
+        "train.jsonl",
+        GOOD + b'{"instruction": "' + b"y" * (8 * 2**20) + b'", "output": "x"}\n',
+        ":2: the line is longer than 8 MiB",
+    ),
 }
 
 
@@ -102,3 +133,54 @@ def test_the_worker_error_is_found_inside_rays_wrappers() -> None:
     found = lorafleet_cause(failure)
     assert isinstance(found, DataError) and str(found) == str(ours)
     assert lorafleet_cause(RuntimeError("not ours")) is None and lorafleet_cause("a string") is None
+
+
+def test_a_csv_field_past_the_csv_module_default_is_a_row_like_any_other(tmp_path: Path) -> None:
+    """Python's csv stops at 131072 characters a field by default; a 200 000-character instruction is valid."""
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"instruction,output\n" + b"y" * 200_000 + b",x\nshort,x\n")
+    result = run_cli("data", "check", str(path), "--format", "alpaca", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 rows" in result.stdout and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device"])
+def test_a_data_path_that_is_not_a_regular_file_says_so(tmp_path: Path, kind: str) -> None:
+    import os
+
+    path = tmp_path / "train.jsonl"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.symlink_to("/dev/zero")
+    # A FIFO or /dev/zero that is read blocks or never ends: the timeout would fail the test.
+    result = run_cli("data", "check", str(path), "--format", "alpaca", timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    words = "is a directory" if kind == "directory" else "not a regular file"
+    assert words in result.stderr and "not found" not in result.stderr, result.stderr
+
+
+def test_a_200_mb_single_line_is_refused_without_reading_it_whole(tmp_path: Path) -> None:
+    """Rows are read a line at a time, each at most 8 MiB: the check's peak memory stays far below the file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "train.jsonl"
+    with open(path, "wb") as handle:
+        handle.write(GOOD + b'{"instruction": "')
+        for _ in range(200):
+            handle.write(b"y" * 2**20)
+        handle.write(b'", "output": "x"}\n' + GOOD)
+    probe = (
+        "import resource, subprocess, sys;"
+        "r = subprocess.run([sys.executable, '-c', 'from lorafleet.cli import main; main()', 'data', 'check',"
+        f" {str(path)!r}, '--format', 'alpaca'], capture_output=True, text=True);"
+        "print(r.returncode); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); print(r.stderr)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=REPO)
+    code, peak_kib, stderr = result.stdout.split("\n", 2)
+    assert code == "2", stderr
+    assert f"{path}:2: the line is longer than 8 MiB" in stderr and "Traceback" not in stderr, stderr
+    assert int(peak_kib) < 1_000_000, f"peak RSS {int(peak_kib) // 1024} MiB for a 200 MiB line"

@@ -17,6 +17,7 @@ import pytest
 from lorafleet.errors import ConfigError
 from lorafleet.serving.adapters import AdapterError, inspect_adapter
 from lorafleet.serving.config import ServingConfig
+from tests import hostile_adapters
 from tests.helpers import run_cli
 
 SECRET = "root:x:0:0:secret-marker\n"
@@ -72,7 +73,12 @@ def _config_peft_refuses(folder: Path, tmp_path: Path) -> str:
     return "adapter_config.json: PEFT cannot read this config"
 
 
+def _shared(change):
+    return lambda folder, tmp_path: change(folder)
+
+
 HOSTILE = {
+    **{case: _shared(change) for case, change in {**hostile_adapters.SHARED, **hostile_adapters.WEIGHTS}.items()},
     "linked tokenizer config": _link_tokenizer_config,
     "linked weights": _link_weights,
     "truncated weights": _truncate_weights,

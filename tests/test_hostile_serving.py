@@ -11,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import hostile_adapters
 from tests.helpers import run_cli
 
 
@@ -190,3 +191,31 @@ def test_no_json_body_makes_the_server_fail(server, route, body) -> None:
         assert isinstance(error["message"], str) and error["message"], error
     elif route == "/v1/load_lora_adapter":
         pytest.fail(f"a random body loaded an adapter: {body}")
+
+
+REFUSED_AT_LOAD = {
+    case: change for case, change in {**hostile_adapters.SHARED, **hostile_adapters.WEIGHTS}.items()
+    if case != "NaN in lora_B"  # loads (a header read cannot see it); its requests fail alone: test_serving_engine
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(REFUSED_AT_LOAD))
+def test_a_hostile_adapter_folder_is_a_400_and_every_model_still_answers(server, adapter_root: Path, case: str):
+    """A FIFO never wedges a worker thread, a NaN/huge alpha never reaches the stacked LoRA, a JSON list, deep
+    nesting or a 5000-digit integer is a 400 naming the file, not a 500."""
+    import httpx
+
+    folder = adapter_root / f"hostile-{list(REFUSED_AT_LOAD).index(case)}"
+    shutil.copytree(adapter_root / "a", folder)
+    words = REFUSED_AT_LOAD[case](folder)
+    answered = httpx.post(f"{server.url}{LOAD}", json={"lora_name": "hostile", "lora_path": str(folder)}, timeout=30)
+    assert answered.status_code == 400, answered.text
+    error = answered.json()["error"]
+    assert error["param"] == "lora_path" and words in error["message"], error
+    listed = {model["id"] for model in httpx.get(f"{server.url}/v1/models", timeout=30).json()["data"]}
+    assert listed == {"tiny", "a", "b"}
+    for model in ("tiny", "a", "b"):
+        fine = httpx.post(
+            f"{server.url}/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 2}, timeout=60
+        )
+        assert fine.status_code == 200, fine.text

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lorafleet.serving.adapters import AdapterError, inspect_adapter
 from lorafleet.serving.config import ServingConfig
@@ -529,6 +531,53 @@ def test_a_failing_step_is_retried_per_adapter(engine, references, monkeypatch):
     assert all(isinstance(error, RuntimeError) and "injected" in str(error) for error in by_model["b"])
     assert calls["b"] >= 3
     assert run(engine, PROMPTS[0], "b", GREEDY)[0] == references["b"][0]
+
+
+@pytest.fixture(scope="module")
+def nan_scaled(engine, adapter_dir):
+    """Adapter `a` loaded as `nanscale`, then its scaling set to NaN in every layer: what a NaN or overflowing
+    lora_alpha would do if it got past the load checks (they refuse it: test_hostile_serving)."""
+    loaded = asyncio.run(engine.load_adapter("nanscale", str(adapter_dir / "a")))
+    broken = 0
+    for module in engine.model.modules():
+        scaling = getattr(module, "scaling", None)
+        if isinstance(scaling, dict) and loaded.internal in scaling:
+            scaling[loaded.internal] = float("nan")
+            broken += 1
+    assert broken > 0
+    engine.store._stack = None  # stacks fold the scaling in: the next pass stacks the broken one afresh
+    yield "nanscale"
+    asyncio.run(engine.unload_adapter("nanscale"))
+
+
+TINY_TEMPERATURE = SamplingParams(max_tokens=NEW_TOKENS, temperature=1e-300, ignore_eos=True, seed=3)
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    mix=st.lists(
+        st.tuples(st.sampled_from(["a", "b", "tiny", "pt", "d", "nanscale"]), st.integers(0, len(PROMPTS) - 1),
+                  st.sampled_from(["greedy", "tiny temperature"])),
+        min_size=2, max_size=10,
+    )
+)  # fmt: skip
+def test_a_broken_scaling_or_a_tiny_temperature_fails_only_its_own_requests(engine, references, nan_scaled, mix):
+    """Any mix of rows: those of the NaN-scaled adapter fail alone (NonFiniteLogits), a temperature of 1e-300 is
+    greedy (not a 500), and every other row answers exactly what it answers alone."""
+    from lorafleet.serving.engine_api import NonFiniteLogits
+
+    params = {"greedy": GREEDY, "tiny temperature": TINY_TEMPERATURE}
+    jobs = [(PROMPTS[prompt], model, params[how]) for model, prompt, how in mix]
+
+    async def main():
+        return await asyncio.gather(*(_generate(engine, *job) for job in jobs), return_exceptions=True)
+
+    for (model, prompt, _), result in zip(mix, asyncio.run(main()), strict=True):
+        if model == nan_scaled:
+            assert isinstance(result, NonFiniteLogits), result
+        else:
+            assert not isinstance(result, BaseException), result
+            assert result[0] == references[model][prompt], (model, prompt)
 
 
 # ---- the optimised path: packed base weights, growing KV cache, stacked LoRA ------------------------------------

@@ -9,6 +9,7 @@ The run folder's layout and its record (run.json) belong to `lorafleet.runs`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 from lorafleet.config import JobConfig
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import ConfigError, LorafleetError, Problem
 from lorafleet.runs import (
     CHECKPOINTS_DIR,
     DEEPSPEED_FILE,
@@ -221,6 +222,7 @@ def preflight(job: JobConfig, *, embedded: bool) -> None:
     check_rows_here(job.data)
     if not embedded:
         return
+    embedded_cpus(job)
     if job.distributed.use_gpu and not torch.cuda.is_available():
         raise LorafleetError(
             "distributed.use_gpu: true but this machine has no CUDA GPU for the embedded Ray; "
@@ -230,6 +232,28 @@ def preflight(job: JobConfig, *, embedded: bool) -> None:
     check_precision(job.training.precision, device)
     if job.model.quantization != "none":
         check_quantization(job.model, device)
+
+
+def embedded_cpus(job: JobConfig, cpus_needed: float | None = None) -> int:
+    """The CPUs an embedded Ray promises so that the job's workers (or `cpus_needed`) fit: at least this machine's
+    cores, at most 4 per core (a few workers per core still run, slowly; thousands would only hang)."""
+    if cpus_needed is None:
+        cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
+    cores = os.cpu_count() or 1
+    limit = max(8, 4 * cores)
+    if cpus_needed > limit:
+        raise ConfigError(
+            "distributed",
+            [
+                Problem(
+                    "distributed.num_workers",
+                    f"{job.distributed.num_workers} workers x resources_per_worker.CPU ask for {cpus_needed:g} CPUs; "
+                    f"the embedded Ray of this machine ({cores} cores) runs at most {limit}: lower num_workers or "
+                    "resources_per_worker.CPU, or pass --address to run on a Ray cluster",
+                )
+            ],
+        )
+    return max(cores, math.ceil(cpus_needed))
 
 
 def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False, cpus_needed: float | None = None) -> None:
@@ -243,11 +267,10 @@ def connect_ray(job: JobConfig, address: str | None, *, quiet: bool = False, cpu
     if address:
         ray.init(address=address, log_to_driver=True, configure_logging=not quiet)
         return
-    if cpus_needed is None:
-        cpus_needed = job.distributed.num_workers * job.distributed.resources_per_worker.get("CPU", 1)
+    num_cpus = embedded_cpus(job, cpus_needed)
     watchdog = start_watchdog()  # kills what ray.init starts if this process dies, even by SIGKILL
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)),
+        num_cpus=num_cpus,
         include_dashboard=True,  # Ray Train's controller watches itself through the state API it serves
         dashboard_host="127.0.0.1",
         log_to_driver=True,

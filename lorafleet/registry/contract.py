@@ -15,9 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from lorafleet.registry.checks import adapter_weights_problems, load_adapter_config, safetensors_names
 from lorafleet.registry.layout import RegistryError
 from lorafleet.registry.manifest import (
-    ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
     adapter_facts,
@@ -28,12 +28,13 @@ from lorafleet.registry.yamlfile import load_yaml_model
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
-# PEFT types the CPU engine (transformers + PEFT) can load; vLLM serves plain LoRA only.
-CPU_PEFT_TYPES = ("LORA", "IA3", "PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
+# The one owner of which PEFT types each engine serves (publish --target and the servers' loads both ask here):
+# the CPU engine stacks LoRA/DoRA and prepends virtual tokens; IA3 rescales activations, which it does not do.
+CPU_PEFT_TYPES = ("LORA", "PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
+VLLM_PEFT_TYPES = ("LORA",)
 EMBEDDING_TENSOR = re.compile(
     r"(embed_tokens|embed_in|embed_out|\bwte\b|word_embeddings|lm_head|lora_embedding_[AB]|modules_to_save|trainable_tokens)"
 )
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
 
 class ContractViolation(RegistryError):
@@ -80,25 +81,13 @@ def load_profile(path: Path | str) -> ServingProfile:
     return load_yaml_model(Path(path), ServingProfile)
 
 
-def safetensors_names(path: Path) -> list[str]:
-    """Tensor names from a safetensors header (reads only the header, not the weights)."""
-    with open(path, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        if not 0 < size <= MAX_SAFETENSORS_HEADER:
-            raise ValueError(f"{path} is not a safetensors file")
-        header = json.loads(handle.read(size))
-    return [name for name in header if name != "__metadata__"]
-
-
 def check_adapter_against_profile(adapter_dir: Path | str, profile: ServingProfile) -> list[str]:
     """Every reason the server described by `profile` would refuse the adapter in `adapter_dir` ([] = fine)."""
     folder = Path(adapter_dir)
     try:
-        config = json.loads((folder / ADAPTER_CONFIG).read_text())
-    except FileNotFoundError:
-        return [f"{folder / ADAPTER_CONFIG} is missing: not a PEFT adapter folder"]
-    except json.JSONDecodeError as exc:
-        return [f"{folder / ADAPTER_CONFIG} is not valid JSON: {exc}"]
+        config = load_adapter_config(folder)
+    except RegistryError as exc:
+        return [str(exc)]
     facts = adapter_facts(config)
     manifest = _manifest_beside(folder)
     vllm = profile.engine == "vllm"
@@ -119,18 +108,16 @@ def check_adapter_against_profile(adapter_dir: Path | str, profile: ServingProfi
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         reasons.append(f"{ADAPTER_WEIGHTS} is missing (vLLM and the registry need safetensors weights)")
+    elif weights_problems := adapter_weights_problems(weights, facts["peft_type"]):
+        reasons += weights_problems
     elif vllm:
-        try:
-            embedded = [name for name in safetensors_names(weights) if EMBEDDING_TENSOR.search(name)]
-        except (ValueError, OSError) as exc:
-            reasons.append(f"{ADAPTER_WEIGHTS} cannot be read: {exc}")
-        else:
-            if embedded:
-                shown = ", ".join(embedded[:4]) + (f" (+{len(embedded) - 4} more)" if len(embedded) > 4 else "")
-                reasons.append(
-                    f"{ADAPTER_WEIGHTS} holds embedding/lm_head weights ({shown}): vLLM cannot load them; "
-                    "train without embedding, lm_head or modules_to_save targets"
-                )
+        embedded = [name for name in safetensors_names(weights) if EMBEDDING_TENSOR.search(name)]
+        if embedded:
+            shown = ", ".join(embedded[:4]) + (f" (+{len(embedded) - 4} more)" if len(embedded) > 4 else "")
+            reasons.append(
+                f"{ADAPTER_WEIGHTS} holds embedding/lm_head weights ({shown}): vLLM cannot load them; "
+                "train without embedding, lm_head or modules_to_save targets"
+            )
     reasons += _target_reasons(facts["target_modules"], profile.supported_target_modules)
     if profile.tokenizer_hash:
         found = tokenizer_fingerprint(folder) or (manifest or {}).get("tokenizer_fingerprint")
@@ -153,7 +140,7 @@ def _manifest_beside(folder: Path) -> dict | None:
 
 def _method_reasons(facts: dict, vllm: bool) -> list[str]:
     peft_type, method = facts["peft_type"], facts["method"]
-    if vllm and peft_type != "LORA":
+    if vllm and peft_type not in VLLM_PEFT_TYPES:
         return [f"method {method or 'unknown'} cannot be served by vLLM, which serves LoRA adapters only"]
     if vllm and method == "dora":
         return ["DoRA (use_dora: true) cannot be served by vLLM: retrain with adapter.method: lora"]

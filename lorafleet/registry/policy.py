@@ -16,13 +16,14 @@ Metric names are the keys of the version's manifest `metrics` (`lorafleet regist
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lorafleet.registry.layout import Kind, Registry
+from lorafleet.registry.layout import Kind, Registry, RegistryError
 from lorafleet.registry.yamlfile import load_yaml_model, validate_yaml_data
 from lorafleet.storage import write_text_atomic
 from lorafleet.yamlsource import YamlSource, apply_overrides
@@ -145,7 +146,24 @@ def policy_path(registry: Registry, name: str, kind: Kind = "adapters") -> Path:
 
 def load_policy(registry: Registry, name: str, kind: Kind = "adapters") -> PromotionPolicy | None:
     path = policy_path(registry, name, kind)
-    return load_yaml_model(path, PromotionPolicy) if path.is_file() else None
+    return load_yaml_model(path, PromotionPolicy) if policy_present(path) else None
+
+
+def policy_present(path: Path) -> bool:
+    """False only when no policy is there at all. A directory, a broken link or a FIFO where the policy belongs
+    (a ConfigMap mounts files through links) is an error, never "no gate": the gate must not open by accident."""
+    if not os.path.lexists(path):
+        return False
+    if path.is_file():
+        return True
+    if path.is_symlink() and not path.exists():
+        kind = f"a broken link (to {os.readlink(path)})"
+    else:
+        kind = "a directory" if path.is_dir() else "not a regular file"
+    raise RegistryError(
+        f"promotion policy {path} is {kind}: the gate cannot be read, so nothing is promoted until it is a "
+        "policy file again (or removed)"
+    )
 
 
 def set_policy(
@@ -154,7 +172,8 @@ def set_policy(
     """Apply `key.path=value` overrides to the policy file (created if absent), validate, write atomically."""
     registry = Registry.open(storage_uri)
     path = policy_path(registry, name, kind)
-    source = YamlSource.read(path) if path.is_file() else YamlSource.parse("", name=str(path), base_dir=path.parent)
+    present = policy_present(path)
+    source = YamlSource.read(path) if present else YamlSource.parse("", name=str(path), base_dir=path.parent)
     data = apply_overrides(source.data, overrides, str(path))
     policy = validate_yaml_data(data, source, PromotionPolicy)
     text = yaml.safe_dump(policy.model_dump(mode="json", exclude_none=True, exclude_defaults=True), sort_keys=False)

@@ -23,7 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.registry.aliases import editing_aliases, refresh_latest
-from lorafleet.registry.checks import check_safetensors, read_adapter_config
+from lorafleet.registry.checks import (
+    adapter_weights_problems,
+    check_finite_weights,
+    check_safetensors,
+    read_adapter_config,
+)
 from lorafleet.registry.contract import ContractViolation, ServingProfile, check_adapter_against_profile
 from lorafleet.registry.layout import (
     LATEST,
@@ -129,15 +134,7 @@ def publish_adapter(
     registry = Registry.open(storage_uri)
     validate_name(name)
     adapter_dir = Path(adapter_dir)
-    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (adapter_dir / f).is_file()]
-    if missing:
-        raise RegistryError(f"{adapter_dir} is not a PEFT adapter folder with safetensors weights: missing {missing}")
-    present = [n for n in TOKENIZER_FILES if (adapter_dir / n).is_file() or (adapter_dir / n).is_symlink()]
-    names = [ADAPTER_CONFIG, ADAPTER_WEIGHTS, *present]
-    files = [(n, adapter_dir / n) for n in names]
-    _refuse_links(adapter_dir, files)  # before anything is read: a link's target is never opened
-    config = read_adapter_config(adapter_dir)
-    check_safetensors(adapter_dir / ADAPTER_WEIGHTS)
+    files, config = _checked_adapter_files(adapter_dir)
     if profile is not None:
         reasons = check_adapter_against_profile(adapter_dir, profile)
         if reasons:
@@ -163,6 +160,29 @@ def publish_adapter(
     if composition:
         fields["history"] = fields.get("history", []) + [{"event": "composed", "parents": list(parents), **composition}]
     return _publish_files(registry, "adapters", name, files, fields, source=adapter_dir)
+
+
+def _checked_adapter_files(adapter_dir: Path) -> tuple[list[tuple[str, Path]], dict]:
+    """The files an adapter version holds and its config, each checked: regular files inside the folder (a FIFO
+    would block the reader, a link could read anything), config and weights present, weights safetensors of
+    finite floats with the tensors their method needs."""
+    for required in (adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS):
+        if required.exists() and not required.is_file():
+            raise RegistryError(f"{required} is not a regular file (a FIFO, socket, device or directory)")
+    missing = [f for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS) if not (adapter_dir / f).is_file()]
+    if missing:
+        raise RegistryError(f"{adapter_dir} is not a PEFT adapter folder with safetensors weights: missing {missing}")
+    present = [n for n in TOKENIZER_FILES if (adapter_dir / n).is_file() or (adapter_dir / n).is_symlink()]
+    files = [(n, adapter_dir / n) for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, *present)]
+    _refuse_links(adapter_dir, files)  # before anything is read: a link's target is never opened
+    config = read_adapter_config(adapter_dir)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    check_safetensors(weights)
+    problems = adapter_weights_problems(weights, config["peft_type"].upper())
+    if problems:
+        raise RegistryError(f"{weights}: " + "; ".join(problems))
+    check_finite_weights(weights)
+    return files, config
 
 
 def publish_merged(
@@ -193,6 +213,7 @@ def publish_merged(
     for relative, path in files:
         if relative.endswith(".safetensors"):
             check_safetensors(path)
+            check_finite_weights(path)
     return _publish_files(registry, "models", name, files, fields, source=model_dir)
 
 
@@ -218,7 +239,7 @@ def publish_run(
         model_dir = run_dir / MERGED_DIR if (run_dir / MERGED_DIR / "config.json").is_file() else run_dir
         run_info_dir = run_dir if (run_dir / RECORD_FILE).is_file() or (run_dir / CONFIG_FILE).is_file() else None
         return publish_merged(storage_uri, name, model_dir, run_dir=run_info_dir)
-    if (run_dir / ADAPTER_CONFIG).is_file():  # an adapter folder made elsewhere: no run provenance
+    if (run_dir / ADAPTER_CONFIG).exists():  # an adapter folder made elsewhere: no run provenance
         return publish_adapter(storage_uri, name, run_dir, profile=profile, profile_source=profile_source)
     adapter_dir = run_dir / ADAPTER_DIR
     if not adapter_dir.is_dir():

@@ -30,6 +30,21 @@ CASES = {
     "alias bomb": (BOMB, "aliases expand this document past 100,000 nodes"),
     "not yaml": (b"name: [unclosed\n", "invalid YAML"),
     "top level list": (b"- a\n- b\n", "the top level must be a mapping"),
+    "learning rate .inf": (TINY.replace(b"learning_rate: 0.003", b"learning_rate: .inf"), "training.learning_rate"),
+    "learning rate .nan": (TINY.replace(b"learning_rate: 0.003", b"learning_rate: .nan"), "training.learning_rate"),
+    "max_steps past a billion": (
+        TINY.replace(b"max_steps: 10", b"max_steps: 99999999999999999999999"),
+        "training.max_steps",
+    ),
+    "100000 workers": (TINY.replace(b"num_workers: 2", b"num_workers: 100000"), "distributed.num_workers"),
+    "CPU .nan per worker": (
+        TINY.replace(b"resources_per_worker: {CPU: 1}", b"resources_per_worker: {CPU: .nan}"),
+        "distributed.resources_per_worker",
+    ),
+    "CPU 1e300 per worker": (
+        TINY.replace(b"resources_per_worker: {CPU: 1}", b"resources_per_worker: {CPU: 1e300}"),
+        "resources_per_worker.CPU must be from 0 to",
+    ),
 }
 
 
@@ -65,3 +80,15 @@ def test_4bit_with_fsdp_is_refused_naming_both_knobs(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_job_config(path)
     assert "model.quantization: 4bit and strategy: fsdp cannot be used together" in str(caught.value)
+
+
+def test_more_workers_than_the_embedded_ray_can_run_is_refused_before_ray_starts(tmp_path: Path) -> None:
+    """200 workers pass validation (a cluster may have them); the embedded Ray of a laptop refuses at once."""
+    path = tmp_path / "job.yaml"
+    path.write_bytes(TINY.replace(b"num_workers: 2", b"num_workers: 200"))
+    started = time.monotonic()
+    result = run_cli("train", str(path), "--set", f"storage.uri={tmp_path / 'storage'}", timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "distributed.num_workers" in result.stderr and "--address" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and time.monotonic() - started < 60
+    assert not (tmp_path / "storage").exists(), "nothing is written for a run that never started"

@@ -91,3 +91,22 @@ def test_a_sigkilled_driver_takes_its_ray_with_it_and_the_resume_prunes(tmp_path
     )
     assert "removed checkpoint_2099-01-01_00-00-00.000000" in resumed.stdout, resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_with_a_clear_message_and_keeps_no_adapter(tmp_path: Path) -> None:
+    """A learning rate of 1e30 turns the loss NaN within a step or two: the run fails (not "succeeded" with NaN
+    weights), run.json says why, no adapter/ folder exists for publish to take."""
+    storage = tmp_path / "storage"
+    result = run_cli(
+        "train", str(CONFIGS / "tiny.yaml"),
+        "--set", "training.learning_rate=1e30", "--set", "training.max_steps=6",
+        "--set", "distributed.num_workers=1", "--set", f"storage.uri={storage}",
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training diverged" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    (run_dir,) = (storage / "runs").iterdir()
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "training diverged" in record["error"]
+    assert not (run_dir / "adapter").exists()

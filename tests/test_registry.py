@@ -469,3 +469,26 @@ def test_compose_cli_takes_weights_after_the_option(storage, adapters):
     assert result.exit_code == 0, result.output
     found = resolve(storage, Reference("mix", "v1"))
     assert found.manifest.rank == 16 and found.manifest.composition["weights"] == [0.7, 0.3]
+
+
+@pytest.mark.parametrize("kind", ["directory", "broken link", "link to a directory"])
+def test_a_policy_that_cannot_be_read_refuses_promotion_instead_of_skipping_the_gate(tmp_path, adapters, kind):
+    """A ConfigMap mounts policy.yaml through links: a broken one (or a directory) must never mean "no gate"."""
+    storage = str(tmp_path / "storage")
+    make_run(storage, "run-1", adapters["a"], {"accuracy": 0.1})
+    publish_run(storage, "run-1", name="gated")
+    policy = Path(storage) / "adapters" / "gated" / "policy.yaml"
+    if kind == "directory":
+        policy.mkdir()
+    elif kind == "broken link":
+        policy.symlink_to(tmp_path / "configmap" / "..data" / "policy.yaml")
+    else:
+        (tmp_path / "configmap").mkdir()
+        policy.symlink_to(tmp_path / "configmap")
+    result = run_cli("promote", "gated", "v1", "--storage", storage)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"promotion policy {policy} is" in result.stderr and "nothing is promoted" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "prod" not in read_aliases(Registry.open(storage), "gated").aliases
+    (policy.rmdir() if kind == "directory" else policy.unlink())
+    assert run_cli("promote", "gated", "v1", "--storage", storage).returncode == 0  # no policy at all: no gate

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import ConfigError, LorafleetError, Problem
+from lorafleet.registry.checks import check_finite_weights
+from lorafleet.registry.layout import RegistryError
 from lorafleet.runs import (
     CHECKPOINTS_DIR,
     DEEPSPEED_FILE,
@@ -32,6 +34,7 @@ from lorafleet.runs import (
 )
 from lorafleet.storage import upload_dir
 from lorafleet.training.console import RunConsole
+from lorafleet.training.divergence import TrainingDiverged
 from lorafleet.training.ray_watchdog import start_watchdog, watch_session
 
 CHECKPOINT_ONLY_FILES = re.compile(
@@ -121,7 +124,11 @@ def _train(
     final_checkpoint = result.checkpoint
     if job.training.best_metric:
         final_checkpoint = result.get_best_checkpoint(job.training.best_metric, job.training.best_metric_mode)
-    copy_adapter_out_of_checkpoint(final_checkpoint, folder.adapter_uri, base_model=job.model.name_or_path)
+    try:
+        copy_adapter_out_of_checkpoint(final_checkpoint, folder.adapter_uri, base_model=job.model.name_or_path)
+    except LorafleetError as exc:
+        folder.write_record(RunRecord(run_id=run_id, status="failed", error=str(exc), run_dir=folder.uri, sweep=sweep))
+        raise
     plot_losses(folder)
     outcome = result.return_value or {}
     record = RunRecord(
@@ -321,7 +328,8 @@ def build_torch_trainer(
 
 
 def copy_adapter_out_of_checkpoint(checkpoint, adapter_uri: str, *, base_model: str) -> None:
-    """Copy the adapter and tokenizer (not optimizer state) out of a checkpoint into the run's adapter/."""
+    """Copy the adapter and tokenizer (not optimizer state) out of a checkpoint into the run's adapter/; weights
+    holding NaN or infinities (a diverged run) are never copied."""
     with checkpoint.as_directory() as source, tempfile.TemporaryDirectory() as staging:
         source_dir = Path(source)
         if not (source_dir / "adapter_config.json").is_file():
@@ -333,6 +341,12 @@ def copy_adapter_out_of_checkpoint(checkpoint, adapter_uri: str, *, base_model: 
         adapter_config = json.loads(adapter_config_path.read_text())
         adapter_config["base_model_name_or_path"] = base_model
         adapter_config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
+        weights = Path(staging) / "adapter_model.safetensors"
+        if weights.is_file():
+            try:
+                check_finite_weights(weights)
+            except RegistryError as exc:
+                raise TrainingDiverged(f"the final checkpoint's adapter is not usable: {exc}") from None
         upload_dir(Path(staging), adapter_uri)
 
 

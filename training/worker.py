@@ -124,12 +124,14 @@ def check_on_worker(job: JobConfig, device) -> None:
 
 
 def run_callbacks(job: JobConfig, run_id: str, run_dir: str, rank: int) -> list:
-    """Progress lines and metrics.jsonl, the configured sinks, and early stopping."""
+    """Progress lines and metrics.jsonl, the configured sinks, the divergence guard, and early stopping."""
+    from lorafleet.training.divergence import DivergenceGuard
     from lorafleet.training.early_stopping import EarlyStopping
     from lorafleet.training.reporting import MetricsLog, ProgressReporter
     from lorafleet.training.sinks import sink_callbacks
 
-    callbacks = [ProgressReporter(MetricsLog(run_dir), run_id), *sink_callbacks(job, run_dir, rank)]
+    # The guard comes after the progress line, so the console and metrics.jsonl show the step that diverged.
+    callbacks = [ProgressReporter(MetricsLog(run_dir), run_id), *sink_callbacks(job, run_dir, rank), DivergenceGuard()]
     if job.training.early_stopping is not None:
         callbacks.append(EarlyStopping(job.training.early_stopping))
     return callbacks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 
 
@@ -54,3 +55,19 @@ class DataError(LorafleetError):
 
     def __reduce__(self):  # crosses process boundaries (Ray workers → driver) with its problems intact
         return (self.__class__, (self.source, self.problems, self.total_bad))
+
+
+OS_ERROR_HINTS = {
+    errno.EROFS: "the storage is mounted read-only: nothing was changed",
+    errno.ENOSPC: "the disk is full: free some space or use other storage; nothing half-written was kept",
+    errno.EDQUOT: "the disk quota is used up: nothing half-written was kept",
+    errno.EACCES: "permission denied: check the owner and mode of that path",
+    errno.EPERM: "operation not permitted: check the owner and mode of that path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """An OSError as one line for the CLI: what the OS said, the path, and what it means for the user."""
+    where = f": {exc.filename}" if exc.filename else ""
+    hint = OS_ERROR_HINTS.get(exc.errno or 0)
+    return f"{exc.strerror or exc}{where}" + (f" ({hint})" if hint else "")

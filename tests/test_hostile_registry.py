@@ -215,3 +215,53 @@ def test_an_intact_version_is_hashed_once_then_again_only_after_it_changes(good_
     require_intact(version, "cached", "v1")
     assert hashed == ["adapter_config.json"]
     assert verify(tmp_path / "storage").ok
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 2 MiB tmpfs (root mounts it, as CI runs): storage that fills up and can be remounted read-only."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.fail(f"mounting a tmpfs needs root: {made.stderr.decode().strip()}", pytrace=False)
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_full_disk_and_read_only_storage_are_clear_errors_and_the_registry_stays_intact(
+    good_adapter: Path, small_disk: Path
+) -> None:
+    import subprocess
+
+    storage = small_disk / "storage"
+    assert run_cli("publish", str(good_adapter), "--name", "price", "--storage", str(storage)).returncode == 0
+    before = _files(storage)
+    filler = small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:  # fill the disk to its last byte
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    full = run_cli("publish", str(good_adapter), "--name", "price", "--storage", str(storage))
+    assert full.returncode == 1, full.stdout + full.stderr
+    assert "No space left on device" in full.stderr and "the disk is full" in full.stderr, full.stderr
+    assert "Traceback" not in full.stderr
+    assert _files(storage) == before and run_cli("registry", "verify", "--storage", str(storage)).returncode == 0
+
+    filler.unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    for args in (["publish", str(good_adapter), "--name", "price"], ["promote", "price", "v1"]):
+        refused = run_cli(*args, "--storage", str(storage))
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "Read-only file system" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+    assert _files(storage) == before and run_cli("registry", "verify", "--storage", str(storage)).returncode == 0

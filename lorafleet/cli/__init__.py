@@ -29,7 +29,7 @@ from lorafleet.cli import (
     train,
     validate,
 )
-from lorafleet.errors import LorafleetError
+from lorafleet.errors import LorafleetError, describe_os_error
 
 app = typer.Typer(
     name="lorafleet",
@@ -70,3 +70,6 @@ def main() -> None:
     except LorafleetError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # storage read-only, a full disk, no permission: the OS's words, not a traceback
+        typer.echo(f"error: {describe_os_error(exc)}", err=True)
+        sys.exit(1)

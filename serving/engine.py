@@ -77,14 +77,13 @@ class CPUEngine:
 
     def start(self) -> None:
         """Load the base model, tokenizer and startup adapters, then start the model thread."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
+        from lorafleet.model_loading import load_base_model_weights, load_base_tokenizer
         from lorafleet.models import resolve_model
 
         folder = resolve_model(self.config.base)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self._decoder = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=self.dtype)
+        self.tokenizer = load_base_tokenizer(folder)
+        self._decoder = load_base_tokenizer(folder)
+        self.model = load_base_model_weights(folder, dtype=self.dtype)
         self.model.eval()
         if self.config.packed_weights and can_pack(self.dtype, self.model.device):
             pack_linears(self.model)

@@ -289,12 +289,10 @@ class DataSummary:
 
 def check_file(path: Path, fmt: str, *, model_reference: str, max_seq_len: int) -> DataSummary:
     """Validate every row of a local file (a `DataError` naming each bad one) and measure it in tokens."""
-    from transformers import AutoTokenizer
-
-    from lorafleet.models import resolve_model
+    from lorafleet.model_loading import load_base_tokenizer
 
     samples = parse_rows(read_file(path), fmt, source=str(path))
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model_reference))
+    tokenizer = load_base_tokenizer(model_reference)
     renderer = Renderer(tokenizer)
     encoded = encode_all(samples, renderer, train_on_prompt=False, source=str(path))
     return DataSummary(

@@ -186,9 +186,8 @@ def choose_task(requested: str, data: EvalData) -> tuple[str | None, str]:
 def load_eval_base(job: JobConfig, device: Any) -> tuple[Any, str]:
     """The base as training loaded it (dtype, quantization on CUDA); unquantized fp32 where 4/8-bit cannot run."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from lorafleet.models import resolve_model
+    from lorafleet.model_loading import load_base_model_weights
     from lorafleet.training.model import quantization_config, weights_dtype
 
     model_cfg = job.model
@@ -202,12 +201,11 @@ def load_eval_base(job: JobConfig, device: Any) -> tuple[Any, str]:
             precision = f"{model_cfg.quantization} ({precision} compute)"
         else:
             dtype, precision = torch.float32, f"float32 (trained {model_cfg.quantization}; no CUDA here)"
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_model(model_cfg.name_or_path),
+    model = load_base_model_weights(
+        model_cfg.name_or_path,
         revision=model_cfg.revision,
         dtype=dtype,
         trust_remote_code=model_cfg.trust_remote_code,
-        use_safetensors=True,
         **kwargs,
     )
     if not kwargs:

@@ -131,13 +131,12 @@ def _merge_checked(run: FinishedRun, dtype: str, probe):
     """The merged model, and how far its logits are from base + adapter (and base + adapter from the base)."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    from lorafleet.models import resolve_model
+    from lorafleet.model_loading import load_base_model_weights
 
     model_cfg = run.job.model
-    base = AutoModelForCausalLM.from_pretrained(  # no quantization_config: full-precision (dequantized) weights
-        resolve_model(model_cfg.name_or_path),
+    base = load_base_model_weights(  # no quantization_config: full-precision (dequantized) weights
+        model_cfg.name_or_path,
         revision=model_cfg.revision,
         dtype=getattr(torch, MERGE_DTYPES[dtype]),
         trust_remote_code=model_cfg.trust_remote_code,

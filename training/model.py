@@ -16,7 +16,7 @@ import torch
 
 from lorafleet.config import ModelSection, TrainingSection
 from lorafleet.errors import LorafleetError
-from lorafleet.models import resolve_model
+from lorafleet.model_loading import load_base_model_weights, load_base_tokenizer
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32}  # master weights
@@ -27,10 +27,8 @@ class UnsupportedOnDevice(LorafleetError):
 
 
 def load_tokenizer(model: ModelSection):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(
-        resolve_model(model.name_or_path), revision=model.revision, trust_remote_code=model.trust_remote_code
+    tokenizer = load_base_tokenizer(
+        model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -62,20 +60,17 @@ def load_base_model(
     model: ModelSection, training: TrainingSection, device: torch.device, *, quant_storage: torch.dtype | None = None
 ):
     """The base on `device`; `quant_storage` packs 4-bit weights in a float dtype so FSDP/ZeRO-3 can shard them."""
-    from transformers import AutoModelForCausalLM
-
     check_precision(training.precision, device)
     kwargs = {}
     if model.quantization != "none":
         kwargs["quantization_config"] = quantization_config(model, device, quant_storage=quant_storage)
         if quant_storage is None:  # sharded strategies place the weights themselves
             kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": device.type}
-    base = AutoModelForCausalLM.from_pretrained(
-        resolve_model(model.name_or_path),
+    base = load_base_model_weights(
+        model.name_or_path,
         revision=model.revision,
         dtype=weights_dtype(model, training),
         trust_remote_code=model.trust_remote_code,
-        use_safetensors=True,
         **kwargs,
     )
     if model.quantization == "none":

@@ -57,12 +57,12 @@ def compose_adapters(
 
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
+    from lorafleet.model_loading import load_base_model_weights
     from lorafleet.models import resolve_model
 
     base_path = resolve_model(base)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = load_base_model_weights(base_path, dtype=torch.float32)
     names = [f"parent{index}" for index in range(len(sources))]
     peft_model = PeftModel.from_pretrained(model, str(sources[0].path), adapter_name=names[0])
     for adapter_name, source in zip(names[1:], sources[1:], strict=True):

@@ -62,9 +62,17 @@ class ModelSection(Section):
 
     @field_validator("name_or_path")
     @classmethod
-    def _not_blank(cls, value: str) -> str:
+    def _not_blank(cls, value: str, info: ValidationInfo) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        if value.startswith((".", "/", "~")):  # a local folder: checked now, without loading anything
+            base_dir = (info.context or {}).get("base_dir")
+            folder = Path(value).expanduser()
+            folder = folder if folder.is_absolute() else (Path(base_dir) if base_dir else Path.cwd()) / folder
+            if not folder.is_dir():
+                raise ValueError(f"model folder not found: {folder}")
+            if not (folder / "config.json").is_file():
+                raise ValueError(f"{folder} is not a model folder: it has no config.json")
         return value
 
 
@@ -239,6 +247,8 @@ class StorageSection(Section):
     @field_validator("uri")
     @classmethod
     def _known_scheme(cls, value: str, info: ValidationInfo) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty: leave storage out for the default, or give a path or URI")
         if "://" in value:
             scheme = value.split("://", 1)[0]
             if scheme not in ("file", "s3", "gs", "abfs"):
@@ -325,6 +335,8 @@ class JobConfig(Section):
 
 def resolve_data_reference(value: str, base_dir: Path) -> str:
     """A local data file becomes an absolute path (and must exist); builtin: and hub names pass through."""
+    if not value.strip():
+        raise ValueError("must not be empty: a data file, `builtin:<name>` or a hub dataset")
     if value.startswith("builtin:"):
         return value
     looks_local = value.endswith(DATA_FILE_SUFFIXES) or value.startswith((".", "/", "~"))
@@ -335,6 +347,11 @@ def resolve_data_reference(value: str, base_dir: Path) -> str:
         path = base_dir / path
     if not path.exists():
         raise ValueError(f"data file not found: {path}")
+    if not path.is_file():
+        kind = "a directory" if path.is_dir() else "not a regular file (a FIFO, socket or device)"
+        raise ValueError(f"data file {path} is {kind}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {path} is empty: nothing to train or evaluate on")
     return str(path.resolve())
 
 

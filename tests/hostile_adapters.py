@@ -34,6 +34,14 @@ def _alpha(value: str) -> Callable[[Path], str]:
     return change
 
 
+def _field(key: str, value: object, words: str) -> Callable[[Path], str]:
+    def change(folder: Path) -> str:
+        _write_config_text(folder, json.dumps(_config(folder) | {key: value}))
+        return words
+
+    return change
+
+
 def _config_is(text: str, words: str) -> Callable[[Path], str]:
     def change(folder: Path) -> str:
         _write_config_text(folder, text)
@@ -111,6 +119,11 @@ SHARED = {
     "config nested 5000 deep": _deep_nesting,
     "a 5000-digit integer": _huge_integer,
     "config is a FIFO": _config_fifo,
+    "r is a word": _field("r", "eight", 'r must be an integer from 1 to 65536, not "eight"'),
+    "r is a fraction": _field("r", 8.5, "r must be an integer from 1 to 65536, not 8.5"),
+    "r is true": _field("r", True, "r must be an integer from 1 to 65536, not true"),
+    "lora_alpha is a string": _field("lora_alpha", "16", "lora_alpha must be a finite number"),
+    "target_modules is a number": _field("target_modules", 3, "target_modules must be a string or a list"),
 }
 # Refused by publish (every tensor read) and by the server's load (the header read): NaN needs the tensors.
 WEIGHTS = {

@@ -41,6 +41,17 @@ CASES = {
         TINY.replace(b"resources_per_worker: {CPU: 1}", b"resources_per_worker: {CPU: .nan}"),
         "distributed.resources_per_worker",
     ),
+    "an empty train path": (TINY.replace(b"train: builtin:price", b'train: ""'), "data.train: must not be empty"),
+    "a missing model folder": (
+        TINY.replace(b"name_or_path: builtin:tiny-llama", b"name_or_path: /no/such/model"),
+        "model folder not found: /no/such/model",
+    ),
+    "a folder that is not a model": (
+        TINY.replace(b"name_or_path: builtin:tiny-llama", b"name_or_path: /tmp"),
+        "/tmp is not a model folder: it has no config.json",
+    ),
+    "an empty storage uri": (TINY + b'storage:\n  uri: ""\n', "storage.uri: must not be empty"),
+    "a data path that is a directory": (TINY.replace(b"train: builtin:price", b"train: /tmp/"), "is a directory"),
     "CPU 1e300 per worker": (
         TINY.replace(b"resources_per_worker: {CPU: 1}", b"resources_per_worker: {CPU: 1e300}"),
         "resources_per_worker.CPU must be from 0 to",

@@ -265,3 +265,23 @@ def test_a_full_disk_and_read_only_storage_are_clear_errors_and_the_registry_sta
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert "Read-only file system" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
     assert _files(storage) == before and run_cli("registry", "verify", "--storage", str(storage)).returncode == 0
+
+
+def test_verify_of_an_unknown_name_or_a_missing_storage_fails(good_adapter: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    missing = run_cli("registry", "verify", "--storage", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "does not exist: there is no registry to verify" in missing.stderr
+    assert run_cli("publish", str(good_adapter), "--name", "price", "--storage", str(storage)).returncode == 0
+    unknown = run_cli("registry", "verify", "pricee", "--storage", str(storage))
+    assert unknown.returncode == 1 and "nothing named 'pricee'" in unknown.stderr, unknown.stderr
+    assert run_cli("registry", "verify", "price", "--storage", str(storage)).returncode == 0
+
+
+def test_publish_with_a_corrupt_aliases_file_claims_no_version(good_adapter: Path, tmp_path: Path) -> None:
+    storage = tmp_path / "storage"
+    assert run_cli("publish", str(good_adapter), "--name", "price", "--storage", str(storage)).returncode == 0
+    aliases = storage / "adapters" / "price" / "aliases.json"
+    aliases.write_text('{"aliases": {"prod": ')
+    result = run_cli("publish", str(good_adapter), "--name", "price", "--storage", str(storage))
+    assert result.returncode == 1 and "aliases.json" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in (storage / "adapters" / "price").iterdir() if p.name.startswith("v")) == ["v1"]

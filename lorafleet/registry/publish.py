@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lorafleet.registry.aliases import editing_aliases, refresh_latest
+from lorafleet.registry.aliases import editing_aliases, read_aliases, refresh_latest
 from lorafleet.registry.checks import (
     adapter_weights_problems,
     check_finite_weights,
@@ -253,6 +253,7 @@ def _publish_files(
     registry: Registry, kind: Kind, name: str, files: list[tuple[str, Path]], fields: dict[str, Any], *, source: Path
 ) -> AdapterVersion:
     name_dir = registry.name_dir(name, kind)
+    read_aliases(registry, name, kind)  # a corrupt aliases.json is refused before any version is claimed
     name_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(name_dir)
     _refuse_links(source, files)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lorafleet.registry.aliases import read_aliases
-from lorafleet.registry.layout import KINDS, Kind, Registry, RegistryError, parse_reference
+from lorafleet.registry.layout import KINDS, Kind, NotFound, Registry, RegistryError, parse_reference
 from lorafleet.registry.manifest import HASHES, MANIFEST, read_manifest, safe_relative, sha256_file
 
 
@@ -45,7 +45,12 @@ def verify(storage_uri: str | Path | None, name: str | None = None, *, kind: Kin
     registry = Registry.open(storage_uri)
     report = VerifyReport()
     only = parse_reference(name).name if name else None
-    for each_kind in [kind] if kind else KINDS:
+    kinds = [kind] if kind else list(KINDS)
+    if not registry.base.is_dir():
+        raise NotFound(f"storage {registry.base} does not exist: there is no registry to verify")
+    if only is not None and not any(registry.name_dir(only, each).is_dir() for each in kinds):
+        raise NotFound(f"nothing named {only!r} in the registry at {registry.base}: nothing to verify")
+    for each_kind in kinds:
         for entry in registry.names(each_kind):
             if only is not None and entry != only:
                 continue

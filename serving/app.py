@@ -71,7 +71,7 @@ def create_app(config: ServingConfig, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="lorafleet", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
-    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes, timeout_s=config.request_body_timeout_s)
     if config.api_key:
         app.add_middleware(ApiKey, key=config.api_key)
     app.add_middleware(RequestMetrics, metrics=metrics, routes=ROUTES)

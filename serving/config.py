@@ -106,6 +106,12 @@ class ServingConfig(BaseModel):
         "same adapter version (0: off).",
     )
     drain_timeout_s: float = Field(30.0, ge=0, description="On shutdown, how long in-flight requests may finish.")
+    request_body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, description="A client must send its whole request body within this (408 otherwise)."
+    )
+    max_connections: int = Field(
+        1024, ge=1, description="Open connections and requests in progress; past this, 503 (slow clients are bounded)."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     vllm_args: list[str] = Field(
         default_factory=list, description="Extra vLLM flags appended verbatim after the rendered ones."

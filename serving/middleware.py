@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -85,27 +86,43 @@ class ApiKey:
 
 
 class BodyLimit:
-    """Refuse bodies over `limit` bytes with 413, whether announced by Content-Length or streamed (chunked).
+    """Refuse bodies over `limit` bytes with 413, whether announced by Content-Length or streamed (chunked); a
+    body that is not JSON by its Content-Type with 415 naming it; a body still incomplete after `timeout_s`
+    (a slow client holding a connection) with 408.
 
     The body is read here (it is small by construction) and replayed to the app.
     """
 
-    def __init__(self, app: ASGIApp, limit: int):
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 30.0):
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             await self.app(scope, receive, send)
             return
         message_too_large = f"The request body is larger than this server accepts ({self.limit} bytes)."
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await send_error(send, 413, message_too_large, "RequestTooLargeError")
             return
+        media_type = (headers.get("content-type") or "").split(";")[0].strip().lower()
+        if scope["path"].startswith("/v1/") and media_type != "application/json":
+            shown = f"Content-Type {media_type!r}" if media_type else "no Content-Type"
+            message = f"The request body must be JSON, sent with Content-Type: application/json (got {shown})."
+            await send_error(send, 415, message, "UnsupportedMediaTypeError")
+            return
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
+            except TimeoutError:
+                message = f"The request body did not arrive within {self.timeout_s:g}s."
+                await send_error(send, 408, message, "RequestTimeoutError", {"Connection": "close"})
+                return
             if message["type"] == "http.disconnect":
                 return
             chunk = message.get("body", b"")

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
 
@@ -107,7 +107,7 @@ class SamplingFields(Strict):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # strict: JSON true is no token id
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI default for /v1/completions
     echo: bool = False
     suffix: str | None = None

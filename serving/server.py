@@ -111,5 +111,6 @@ def serve_forever(app: FastAPI, config: ServingConfig) -> None:
         log_level=config.log_level,
         timeout_graceful_shutdown=int(config.drain_timeout_s),
         backlog=2048,
+        limit_concurrency=config.max_connections,
     )
     _GracefulServer(settings).run()

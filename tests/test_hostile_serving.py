@@ -219,3 +219,52 @@ def test_a_hostile_adapter_folder_is_a_400_and_every_model_still_answers(server,
             f"{server.url}/v1/completions", json={"model": model, "prompt": "hello", "max_tokens": 2}, timeout=60
         )
         assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.parametrize(
+    ("content_type", "shown"),
+    [("text/plain", "'text/plain'"), ("application/x-www-form-urlencoded", "'application/x-www-form-urlencoded'"),
+     (None, "no Content-Type")],
+)  # fmt: skip
+def test_a_body_that_is_not_sent_as_json_is_a_415_naming_its_content_type(server, content_type, shown) -> None:
+    import httpx
+
+    headers = {"Content-Type": content_type} if content_type else {}
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+    answered = httpx.post(f"{server.url}/v1/completions", content=body, headers=headers, timeout=30)
+    assert answered.status_code == 415, answered.text
+    assert shown in answered.json()["error"]["message"] and "application/json" in answered.json()["error"]["message"]
+    fine = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+    assert fine.status_code == 200, fine.text
+
+
+@pytest.mark.parametrize("prompt", [[True, False], [[True]], [1, False]])
+def test_json_booleans_are_not_token_ids(server, prompt) -> None:
+    import httpx
+
+    answered = httpx.post(
+        f"{server.url}/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2}, timeout=30
+    )
+    assert answered.status_code == 400, answered.text
+    assert answered.json()["error"]["param"] == "prompt"
+
+
+def test_a_client_that_sends_its_body_too_slowly_gets_a_408_and_frees_the_connection(tiny_model_dir, tmp_path):
+    import socket
+
+    import httpx
+
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.server import ServerThread
+    from tests.helpers import tiny_serving_config, two_adapters
+
+    config = tiny_serving_config(tiny_model_dir, two_adapters(tiny_model_dir, tmp_path), request_body_timeout_s=1)
+    with ServerThread(create_app(config)) as running, socket.create_connection((running.host, running.port)) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\": ")  # fmt: skip
+        slow.settimeout(10)
+        answer = slow.recv(4096).decode()  # nothing more is ever sent
+        assert answer.startswith("HTTP/1.1 408"), answer
+        assert "did not arrive within 1s" in answer
+        fine = httpx.post(f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        assert fine.status_code == 200

@@ -94,6 +94,42 @@ def test_a_sigkilled_driver_takes_its_ray_with_it_and_the_resume_prunes(tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signalled_run_stops_cleanly_as_stopped_and_resumes(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM (a pod's eviction) and SIGINT (Ctrl-C): one line saying how to resume, exit 128 + signal, run.json
+    `stopped`, no traceback or native stack; `--resume` then finishes the run from its last checkpoint."""
+    storage = tmp_path / "storage"
+    command = [sys.executable, "-m", "lorafleet", "train", str(CONFIGS / "tiny.yaml"), "--run-id", "signalled-1"]
+    command += ["--set", f"storage.uri={storage}", "--set", "training.max_steps=40", "--set", "training.save_steps=5"]
+    driver = subprocess.Popen(
+        command, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert driver.stdout is not None
+    for line in driver.stdout:  # wait until a checkpoint was committed and training goes on
+        if "step 8/40" in line:
+            break
+    driver.send_signal(sig)
+    try:
+        out, err = driver.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        driver.kill()
+        pytest.fail(f"{sig.name} did not stop the run within 120 s")
+    assert driver.returncode == 128 + sig, (driver.returncode, err[-3000:])
+    assert f"stopped by {sig.name}; resume it with `lorafleet train --resume signalled-1`" in err, err[-3000:]
+    assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
+    record = json.loads((storage / "runs" / "signalled-1" / "run.json").read_text())
+    assert record["status"] == "stopped" and sig.name in record["error"]
+
+    resumed = run_cli(
+        "train", str(CONFIGS / "tiny.yaml"), "--set", f"storage.uri={storage}", "--resume", "signalled-1", timeout=900
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert "(resuming)" in resumed.stdout
+    record = json.loads((storage / "runs" / "signalled-1" / "run.json").read_text())
+    assert record["status"] == "succeeded" and record["global_step"] >= 40
+
+
+@pytest.mark.slow
 def test_a_diverging_run_fails_with_a_clear_message_and_keeps_no_adapter(tmp_path: Path) -> None:
     """A learning rate of 1e30 turns the loss NaN within a step or two: the run fails (not "succeeded" with NaN
     weights), run.json says why, no adapter/ folder exists for publish to take."""

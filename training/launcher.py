@@ -15,6 +15,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lorafleet.config import JobConfig
@@ -36,6 +37,7 @@ from lorafleet.storage import upload_dir
 from lorafleet.training.console import RunConsole
 from lorafleet.training.divergence import TrainingDiverged
 from lorafleet.training.ray_watchdog import start_watchdog, watch_session
+from lorafleet.training.run_signals import RunStopped, fit_interruptibly, stop_on_signals
 
 CHECKPOINT_ONLY_FILES = re.compile(
     r"^((optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)"
@@ -61,7 +63,13 @@ def run_training(
     console = RunConsole(folder, verbose=verbose)
     console.start()
     try:
-        return _train(job, folder, resuming, address=address, console=console)
+        with stop_on_signals() as rearm:
+            return _train(job, folder, resuming, address=address, console=console, after_ray_init=rearm)
+    except RunStopped as stop:
+        stop.run_id = folder.run_id
+        if folder.config_text() is not None:  # it had started: resumable from its last checkpoint
+            folder.write_record(RunRecord(run_id=folder.run_id, status="stopped", error=str(stop), run_dir=folder.uri))
+        raise
     finally:
         console.stop()
 
@@ -94,6 +102,7 @@ def _train(
     console: RunConsole | None,
     callbacks: list | tuple = (),
     sweep: SweepTrial | None = None,
+    after_ray_init: Callable[[], None] | None = None,
 ) -> RunRecord:
     run_id = folder.run_id
     preflight(job, embedded=address is None)
@@ -104,11 +113,16 @@ def _train(
     if address is None:
         provision_builtins(job)
     connect_ray(job, address, quiet=console is None or not console.verbose)
+    if after_ray_init is not None:
+        after_ray_init()
     if console is not None:
         console.follow_workers()
     try:
-        result = build_torch_trainer(job, folder, deepspeed=deepspeed, callbacks=callbacks).fit()
+        trainer = build_torch_trainer(job, folder, deepspeed=deepspeed, callbacks=callbacks)
+        result = fit_interruptibly(trainer) if after_ray_init is not None else trainer.fit()
         error = result.error if result.checkpoint is not None else result.error or "no checkpoint was reported"
+    except RunStopped:
+        raise
     except Exception as exc:  # Ray Train V2 raises the workers' error from fit()
         error = exc
     if error is not None:

@@ -146,3 +146,22 @@ def test_a_diverging_run_fails_with_a_clear_message_and_keeps_no_adapter(tmp_pat
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "failed" and "training diverged" in record["error"]
     assert not (run_dir / "adapter").exists()
+
+
+def test_a_run_that_fails_after_its_folder_was_made_says_so_in_run_json(tmp_path: Path, monkeypatch) -> None:
+    """A failure outside the workers (here: Ray cannot be reached) still leaves run.json `failed` with the reason,
+    never a run folder that only holds a config."""
+    from lorafleet.config import load_job_config
+    from lorafleet.errors import LorafleetError
+    from lorafleet.training import launcher
+
+    def unreachable(*args, **kwargs):
+        raise LorafleetError("cannot reach the Ray cluster at 10.0.0.1:6379")
+
+    monkeypatch.setattr(launcher, "connect_ray", unreachable)
+    job = load_job_config(CONFIGS / "tiny.yaml", [f"storage.uri={tmp_path / 'storage'}"])
+    with pytest.raises(LorafleetError, match="cannot reach"):
+        launcher.run_training(job, run_id="unreachable-1", address="10.0.0.1:6379")
+    run_dir = tmp_path / "storage" / "runs" / "unreachable-1"
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "failed" and "cannot reach the Ray cluster" in record["error"]

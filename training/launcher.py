@@ -70,6 +70,11 @@ def run_training(
         if folder.config_text() is not None:  # it had started: resumable from its last checkpoint
             folder.write_record(RunRecord(run_id=folder.run_id, status="stopped", error=str(stop), run_dir=folder.uri))
         raise
+    except Exception as exc:  # once its config is written, a run folder always says how the run ended
+        record = folder.read_record() if folder.config_text() is not None else None
+        if folder.config_text() is not None and (record is None or record.status != "failed"):
+            folder.write_record(RunRecord(run_id=folder.run_id, status="failed", error=str(exc), run_dir=folder.uri))
+        raise
     finally:
         console.stop()
 

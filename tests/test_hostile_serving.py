@@ -263,8 +263,102 @@ def test_a_client_that_sends_its_body_too_slowly_gets_a_408_and_frees_the_connec
         slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"model\": ")  # fmt: skip
         slow.settimeout(10)
-        answer = slow.recv(4096).decode()  # nothing more is ever sent
+        answer = b""
+        while chunk := slow.recv(4096):  # nothing more is ever sent; the server answers and closes
+            answer += chunk
+        answer = answer.decode()
         assert answer.startswith("HTTP/1.1 408"), answer
         assert "did not arrive within 1s" in answer
         fine = httpx.post(f"{running.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
         assert fine.status_code == 200
+
+
+ADAPTER_KEYS = [
+    "r", "lora_alpha", "peft_type", "target_modules", "rank_pattern", "alpha_pattern", "use_dora",
+    "base_model_name_or_path", "fan_in_fan_out", "bias", "modules_to_save", "num_virtual_tokens",
+]  # fmt: skip
+NUMBERS = st.integers(-(10**30), 10**30) | st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(
+    [0, -1, 1e308, -1e308, 1e-320, 2**63, 65537, True, False]
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(ADAPTER_KEYS), value=NUMBERS | JSON, raw=st.sampled_from([None, "NaN", "1e999"]))
+def test_any_adapter_config_value_is_answered_below_500_and_every_model_still_answers(
+    server, adapter_root, key, value, raw
+):
+    """Adapter `a` with one key set to any JSON value (or a non-JSON number): the load is answered below 500, and
+    the base and the adapters already loaded answer exactly as before."""
+    import httpx
+
+    folder = adapter_root / "property"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(adapter_root / "a", folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    text = json.dumps(config | {key: "RAW" if raw else value}, allow_nan=True)
+    (folder / "adapter_config.json").write_text(text.replace('"RAW"', raw) if raw else text)
+    loaded = httpx.post(f"{server.url}{LOAD}", json={"lora_name": "property", "lora_path": str(folder)}, timeout=60)
+    assert loaded.status_code < 500, (loaded.status_code, loaded.text[:500])
+    body = {"prompt": "Hello there", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    if loaded.status_code == 200:
+        tried = httpx.post(f"{server.url}/v1/completions", json=body | {"model": "property"}, timeout=60)
+        assert tried.status_code < 500 or "non-finite" in tried.text, (tried.status_code, tried.text[:500])
+        httpx.post(f"{server.url}{UNLOAD}", json={"lora_name": "property"}, timeout=60)
+    for model in ("tiny", "a", "b"):
+        answered = httpx.post(f"{server.url}/v1/completions", json=body | {"model": model}, timeout=60)
+        assert answered.status_code == 200, answered.text
+        assert answered.json()["choices"][0]["text"] == _alone(server, model)
+
+
+_ALONE: dict[tuple[str, str], str] = {}
+
+
+def _alone(server, model: str) -> str:
+    import httpx
+
+    if (server.url, model) not in _ALONE:
+        body = {"model": model, "prompt": "Hello there", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+        _ALONE[server.url, model] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()[
+            "choices"
+        ][0]["text"]
+    return _ALONE[server.url, model]
+
+
+SAMPLING = st.fixed_dictionaries(
+    {},
+    optional={
+        "temperature": NUMBERS | JSON, "top_p": NUMBERS | JSON, "top_k": NUMBERS | JSON, "seed": NUMBERS | JSON,
+        "max_tokens": NUMBERS | JSON, "stop": JSON, "n": NUMBERS, "ignore_eos": JSON,
+    },
+)  # fmt: skip
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(model=st.sampled_from(["tiny", "a", "b"]), sampling=SAMPLING)
+def test_any_sampling_parameters_get_below_500_and_the_batch_beside_them_answers_as_alone(server, model, sampling):
+    """A request with any sampling values runs in the same batch as greedy requests for every model: it gets a
+    2xx or a 4xx, and each greedy request answers exactly what it answers alone."""
+    import asyncio
+
+    import httpx
+
+    expected = {name: _alone(server, name) for name in ("tiny", "a", "b")}
+    odd = {"model": model, "prompt": "Hello there", **sampling}
+    greedy = [{"model": name, "prompt": "Hello there", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+              for name in expected]  # fmt: skip
+
+    async def together():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            json_headers = {"Content-Type": "application/json"}
+            calls = [
+                client.post("/v1/completions", content=json.dumps(body, allow_nan=True), headers=json_headers)
+                for body in [odd, *greedy]
+            ]
+            return await asyncio.gather(*calls)
+
+    answers = asyncio.run(together())
+    assert answers[0].status_code < 500, (answers[0].status_code, answers[0].text[:500], sampling)
+    for body, answer in zip(greedy, answers[1:], strict=True):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["text"] == expected[body["model"]], (sampling, body["model"])

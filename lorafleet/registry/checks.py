@@ -28,6 +28,11 @@ REQUIRED_TENSORS = {
 
 MAX_RANK = 65536
 MAX_ABS_ALPHA = 1e6  # scaling = alpha / r; past this a float16 or bfloat16 delta overflows on the first token
+# Keys PEFT and the servers read as plain values: anything else is refused by name (not a 500 later).
+TYPED_FIELDS = [
+    *[(key, (str,), "a string") for key in ("base_model_name_or_path", "revision", "task_type", "bias")],
+    *[(key, (bool,), "true or false") for key in ("use_dora", "use_rslora", "fan_in_fan_out", "inference_mode")],
+]
 # Prompt-learning sizes: each is a positive integer up to its bound (PEFT allocates tensors of these sizes).
 SIZE_FIELDS = {"num_virtual_tokens": 65536, "num_layers": 4096, "num_attention_heads": 4096, "token_dim": 2**20}
 
@@ -74,6 +79,12 @@ def adapter_config_problems(config: dict) -> list[str]:
     for key, bound in SIZE_FIELDS.items():
         if config.get(key) is not None and not _int_in(config[key], 1, bound):
             problems.append(f"{key} must be an integer from 1 to {bound}, not {_shown(config[key])}")
+    for key, kinds, wanted in TYPED_FIELDS:
+        if config.get(key) is not None and type(config[key]) not in kinds:
+            problems.append(f"{key} must be {wanted}, not {_shown(config[key])}")
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        problems.append("modules_to_save must be a list of module names")
     targets = config.get("target_modules")
     if targets is not None and not (
         isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))

@@ -36,7 +36,8 @@ DATA_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # Sanity bounds: past these a value is a typo, and would overflow or hang far from the line that set it.
 MAX_STEPS = 10**9
 MAX_WORKERS = 4096
-MAX_WORKER_RESOURCE = 1e6
+MAX_WORKER_DEVICES = 1e6  # CPUs or GPUs of one worker
+MAX_WORKER_RESOURCE = 1e18  # any other Ray resource (memory is in bytes)
 
 
 class ModelSection(Section):
@@ -222,8 +223,9 @@ class DistributedSection(Section):
     @model_validator(mode="after")
     def _gpus_need_use_gpu(self) -> DistributedSection:
         for name, amount in self.resources_per_worker.items():
-            if not 0 <= amount <= MAX_WORKER_RESOURCE:
-                raise ValueError(f"resources_per_worker.{name} must be from 0 to {MAX_WORKER_RESOURCE}, got {amount}")
+            most = MAX_WORKER_DEVICES if name in ("CPU", "GPU") else MAX_WORKER_RESOURCE
+            if not 0 <= amount <= most:
+                raise ValueError(f"resources_per_worker.{name} must be from 0 to {most:g}, got {amount}")
         if self.resources_per_worker.get("GPU", 0) > 0 and not self.use_gpu:
             raise ValueError("resources_per_worker.GPU > 0 needs use_gpu: true (or drop the GPU entry)")
         if self.deepspeed is not None and self.strategy != "deepspeed":

@@ -35,7 +35,6 @@ from lorafleet.runs import (
 )
 from lorafleet.storage import upload_dir
 from lorafleet.training.console import RunConsole
-from lorafleet.training.divergence import TrainingDiverged
 from lorafleet.training.ray_watchdog import start_watchdog, watch_session
 from lorafleet.training.run_signals import RunStopped, fit_interruptibly, stop_on_signals
 
@@ -362,6 +361,8 @@ def copy_adapter_out_of_checkpoint(checkpoint, adapter_uri: str, *, base_model: 
         adapter_config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True))
         weights = Path(staging) / "adapter_model.safetensors"
         if weights.is_file():
+            from lorafleet.training.divergence import TrainingDiverged  # imports transformers: not at startup
+
             try:
                 check_finite_weights(weights)
             except RegistryError as exc:

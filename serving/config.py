@@ -113,6 +113,11 @@ class ServingConfig(BaseModel):
         1024, ge=1, description="Open connections and requests in progress; past this, 503 (slow clients are bounded)."
     )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    vllm_python: str | None = Field(
+        None,
+        description="vLLM: the Python of a vLLM install (default: $LORAFLEET_VLLM_PYTHON, then `vllm` on PATH, then "
+        "the .venv-vllm that `make vllm` makes beside this venv).",
+    )
     vllm_args: list[str] = Field(
         default_factory=list, description="Extra vLLM flags appended verbatim after the rendered ones."
     )

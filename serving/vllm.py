@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 from lorafleet.errors import LorafleetError
 from lorafleet.serving.config import ServingConfig
@@ -77,12 +79,64 @@ def vllm_environment(config: ServingConfig) -> dict[str, str]:
     return env
 
 
+VLLM_PYTHON_ENV = "LORAFLEET_VLLM_PYTHON"
+VLLM_VENV = ".venv-vllm"  # what `make vllm` creates beside the project's .venv
+# `vllm serve` as a module: the CPU build's `vllm` console script looks up a distribution named `vllm`, which
+# it is not, while this entry point takes the same flags (the model as --model).
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def vllm_launcher(config: ServingConfig) -> list[str]:
+    """What runs `vllm serve`: `--vllm-python` (or `vllm_python`), then $LORAFLEET_VLLM_PYTHON, then `vllm` on
+    PATH (a production image, a GPU machine), then the `.venv-vllm` that `make vllm` makes beside this venv."""
+    explicit = config.vllm_python or os.environ.get(VLLM_PYTHON_ENV)
+    if explicit:
+        if not os.access(explicit, os.X_OK):
+            source = "--vllm-python" if config.vllm_python else f"${VLLM_PYTHON_ENV}"
+            raise VllmNotInstalled(f"{source} is {explicit}, which is not an executable Python")
+        return [explicit, "-m", VLLM_MODULE]
+    if shutil.which("vllm") is not None:
+        return ["vllm", "serve"]
+    beside = Path(sys.prefix).parent / VLLM_VENV / "bin" / "python"
+    if beside.is_file():
+        return [str(beside), "-m", VLLM_MODULE]
+    raise VllmNotInstalled(
+        f"vLLM is not installed here: no --vllm-python, no ${VLLM_PYTHON_ENV}, no `vllm` on PATH and no {beside}; "
+        f"run `make vllm` (vLLM's CPU build in {VLLM_VENV}), `pip install vllm=={VLLM_VERSION}` on a GPU machine, "
+        "or serve with the CPU engine: `lorafleet serve --engine cpu ...`"
+    )
+
+
+def vllm_process_command(config: ServingConfig) -> list[str]:
+    """The argv that starts vLLM here: the rendered `vllm serve BASE ...` argv, run by the launcher found (the
+    module form takes the base as `--model`: only `vllm serve` maps its positional model onto it)."""
+    argv = render_vllm_command(config)
+    launcher = vllm_launcher(config)
+    return argv if launcher == argv[:2] else [*launcher, "--model", argv[2], *argv[3:]]
+
+
+def check_adapters_for_vllm(config: ServingConfig) -> None:
+    """Refuse, before vLLM starts, what it would refuse at start-up with a longer message (or serve wrongly):
+    an adapter that is not plain LoRA, a rank above --max-lora-rank, configs and weights the registry's own
+    checks refuse. Each problem names the adapter and its folder."""
+    from lorafleet.registry import ServingProfile, check_adapter_against_profile
+
+    problems = []
+    for name, path in sorted(config.adapters.items()):
+        if not os.path.isdir(path):  # a path inside the serving pod: vLLM reports it there
+            continue
+        profile = ServingProfile(base_model=base_argument(config), engine="vllm", max_lora_rank=config.max_lora_rank)
+        reasons = [r for r in check_adapter_against_profile(path, profile) if not r.startswith("base model")]
+        problems += [f"adapter {name} ({path}): {reason}" for reason in reasons]
+    if problems:
+        raise VllmRefusesAdapter("vLLM would not serve these adapters:\n  - " + "\n  - ".join(problems))
+
+
+class VllmRefusesAdapter(LorafleetError):
+    exit_code = 2
+
+
 def exec_vllm(config: ServingConfig) -> None:
     """Replace this process with vLLM (never returns), or explain how to get it."""
-    argv = render_vllm_command(config)
-    if shutil.which(argv[0]) is None:
-        raise VllmNotInstalled(
-            f"vLLM is not installed here: `pip install vllm=={VLLM_VERSION}` (Linux with an NVIDIA GPU), "
-            "or serve with the CPU engine: `lorafleet serve --engine cpu ...`"
-        )
+    argv = vllm_process_command(config)
     os.execvpe(argv[0], argv, {**os.environ, **vllm_environment(config)})

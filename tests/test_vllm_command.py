@@ -125,10 +125,42 @@ def test_cli_print_command(tmp_path):
     assert result.stdout.count("\n") == 1
 
 
-def test_cli_without_vllm_installed_explains(tmp_path):
-    result = run_cli("serve", "--engine", "vllm", "--base", LLAMA, env={"PATH": str(tmp_path)})
-    assert result.returncode == 2
-    assert f"pip install vllm=={VLLM_VERSION}" in result.stderr and "--engine cpu" in result.stderr
+def test_without_vllm_anywhere_the_error_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    """No --vllm-python, no $LORAFLEET_VLLM_PYTHON, no `vllm` on PATH, no .venv-vllm beside this venv."""
+    import sys
+
+    from lorafleet.serving.vllm import VllmNotInstalled, vllm_launcher
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("LORAFLEET_VLLM_PYTHON", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / ".venv"))
+    with pytest.raises(VllmNotInstalled) as refused:
+        vllm_launcher(ServingConfig(engine="vllm", base=LLAMA))
+    message = str(refused.value)
+    assert "make vllm" in message and f"pip install vllm=={VLLM_VERSION}" in message and "--engine cpu" in message
+    assert str(tmp_path / ".venv-vllm" / "bin" / "python") in message
+
+
+def test_the_launcher_found_runs_the_rendered_argv(tmp_path, monkeypatch):
+    """`vllm` on PATH runs the argv as rendered; a Python (flag, env, .venv-vllm) runs vLLM's module with the base
+    as --model and every other flag unchanged."""
+    from lorafleet.serving.vllm import render_vllm_command, vllm_process_command
+
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    config = ServingConfig(engine="vllm", base=LLAMA, adapters={"a": "/adapters/a"}, vllm_python=str(python))
+    rendered = render_vllm_command(config)
+    assert vllm_process_command(config) == [
+        str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", rendered[2], *rendered[3:]
+    ]  # fmt: skip
+    vllm = tmp_path / "bin" / "vllm"
+    vllm.parent.mkdir()
+    vllm.write_text("#!/bin/sh\n")
+    vllm.chmod(0o755)
+    monkeypatch.setenv("PATH", str(vllm.parent))
+    monkeypatch.delenv("LORAFLEET_VLLM_PYTHON", raising=False)
+    assert vllm_process_command(config.model_copy(update={"vllm_python": None})) == rendered
 
 
 def test_cli_rejects_bad_rank_with_exit_2():

@@ -81,7 +81,11 @@ def serve(
     max_lora_rank: int = typer.Option(None, "--max-lora-rank", help="Highest adapter rank (vLLM's choices)."),
     max_cpu_loras: int = typer.Option(None, "--max-cpu-loras", help="Adapters held in CPU memory (>= max-loras)."),
     max_model_len: int = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
+    dtype: str = typer.Option(None, "--dtype", help="Weights' dtype: auto, float32, bfloat16 or float16."),
     print_command: bool = typer.Option(False, "--print-command", help="vllm engine: print the command and exit."),
+    vllm_python: str = typer.Option(
+        None, "--vllm-python", help="vllm engine: the Python of a vLLM install (default: see docs/serving.md)."
+    ),
 ) -> None:
     """Serve a base model and its adapters behind vLLM's OpenAI-compatible API."""
     overrides = {
@@ -98,14 +102,17 @@ def serve(
         "max_lora_rank": max_lora_rank,
         "max_cpu_loras": max_cpu_loras,
         "max_model_len": max_model_len,
+        "vllm_python": vllm_python,
+        "dtype": dtype,
     }
     settings = serving_settings(config, overrides)
     if settings.engine == "vllm":
-        from lorafleet.serving.vllm import exec_vllm, render_vllm_command
+        from lorafleet.serving.vllm import check_adapters_for_vllm, exec_vllm, render_vllm_command
 
         if print_command:
             typer.echo(shlex.join(render_vllm_command(settings)))
             return
+        check_adapters_for_vllm(settings)
         exec_vllm(settings)
         return
     if print_command:

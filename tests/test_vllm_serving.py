@@ -176,6 +176,64 @@ def test_runtime_load_and_unload_on_vllm(vllm_server, registry):
         _vllm_answers(vllm_server, "extra")
 
 
+def _vllm_lora_calls(registry: Path) -> list[tuple[str, str, str | None]]:
+    """What vLLM itself logged: ("load", name, path) and ("unload", name, None), in order."""
+    import re
+
+    calls = []
+    for line in (registry / "vllm.log").read_text().splitlines():
+        if loaded := re.search(r"Loaded new LoRA adapter: name '([^']+)', path '([^']+)'", line):
+            calls.append(("load", loaded[1], loaded[2]))
+        elif removed := re.search(r"Removed LoRA adapter: name '([^']+)'", line):
+            calls.append(("unload", removed[1], None))
+    return calls
+
+
+def test_routed_sync_on_vllm_loads_each_version_under_its_own_name_and_never_a_tampered_one(
+    vllm_server, registry, smollm2
+):
+    """publish v2, promote, sync --route-port: vLLM loads it under a name of its own (what vLLM logged, not what
+    sync sent), the router sends `price` to it, the old name is unloaded; a v3 whose weights changed after
+    publish is never loaded, and `price` keeps answering with v2. Runs last: it unloads the startup adapters."""
+    from lorafleet.serving.alias_router import create_router
+    from lorafleet.serving.server import ServerThread
+    from lorafleet.serving.sync import Syncer
+    from lorafleet.serving.sync_config import SyncConfig
+
+    storage = registry / "storage"
+    publish_adapter(storage, "price", make_adapter(smollm2, registry / "price-v2", "lora-all", seed=4, rank=16))
+    publish_adapter(storage, "price", make_adapter(smollm2, registry / "price-v3", "lora-all", seed=5, rank=16))
+    promote(storage, "price", "v2")
+    routed = Syncer(SyncConfig(storage=str(storage), targets=[vllm_server], adapters=["price@prod"], route=True))
+    with ServerThread(create_router(vllm_server, routed.aliases)) as router:
+        assert routed.reconcile().converged
+        served_v2 = routed.aliases.get("price")
+        assert served_v2.startswith("price.v2-")
+        answers_v2 = _vllm_answers(router.url, "price")  # the official client asks for the alias
+        assert answers_v2 == _vllm_answers(vllm_server, served_v2)
+        assert answers_v2 == _peft_answers(smollm2, str(storage / "adapters" / "price" / "v2"))
+
+        promote(storage, "price", "v3")
+        weights = storage / "adapters" / "price" / "v3" / "adapter_model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # changed after publish: its manifest no longer matches
+        weights.write_bytes(bytes(data))
+        report = routed.reconcile()
+        assert not report.converged and any("v3" in error for error in report.errors), report.errors
+        assert routed.aliases.get("price") == served_v2 and _vllm_answers(router.url, "price") == answers_v2
+    routed.close()
+
+    calls = _vllm_lora_calls(registry)
+    paths_of: dict[str, set[str]] = {}
+    for call, name, path in calls:
+        if call == "load":
+            paths_of.setdefault(name, set()).add(str(Path(path).resolve()))
+    assert all(len(paths) == 1 for paths in paths_of.values()), paths_of  # no name ever moved to other weights
+    assert not any("/price/v3" in path for paths in paths_of.values() for path in paths), "v3 was never loaded"
+    assert ("load", served_v2, str(storage / "adapters" / "price" / "v2")) in calls or served_v2 in paths_of
+    assert ("unload", "price", None) in calls  # the startup name, which no alias names any more
+
+
 def test_no_vllm_is_a_clear_error(registry) -> None:
     result = run_cli("serve", "--engine", "vllm", "--base", BASE, "--vllm-python", "/nowhere/python", timeout=120)
     assert result.returncode == 2, result.stdout + result.stderr

@@ -111,9 +111,9 @@ def read_desired(config: SyncConfig) -> Desired:
         try:
             found = resolve(registry.base, ref)
         except NotFound as exc:
-            if registry.name_dir(ref.name, "adapters").is_dir():
-                # The name is published but its alias names a version that is not there (a half-copied registry,
-                # a hand edit): an error, and whatever serves the name now keeps serving it.
+            if registry.versions(ref.name, "adapters"):
+                # The name has published versions but its alias names one that is not there (a half-copied
+                # registry, a hand edit): an error, and whatever serves the name now keeps serving it.
                 desired.errors.append(f"{reference}: {exc}; {ref.name} keeps what it serves now")
                 desired.keep.add(ref.name)
             elif config.adapters is not None:  # asked for by name, but not (or no longer) published: not served

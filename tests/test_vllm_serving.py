@@ -176,6 +176,34 @@ def test_runtime_load_and_unload_on_vllm(vllm_server, registry):
         _vllm_answers(vllm_server, "extra")
 
 
+def test_batch_against_vllm_survives_a_kill_and_resumes_to_every_row_once(vllm_server, tmp_path):
+    """`lorafleet batch --server` on vLLM: SIGKILL mid-run, rerun, and every row is answered exactly once, each
+    answer equal to what vLLM gives that request alone."""
+    import json
+
+    rows = [{"custom_id": f"r{i}", "model": [BASE, "price", "support"][i % 3], "prompt": PROMPTS[i % 3],
+             "max_tokens": NEW_TOKENS, "temperature": 0} for i in range(30)]  # fmt: skip
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "lorafleet", "batch", str(tmp_path / "in.jsonl"), "--out", str(out),
+               "--server", vllm_server, "--concurrency", "2"]  # fmt: skip
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out.is_file() and out.read_text().count("\n") >= 5):
+        assert first.poll() is None and time.monotonic() < deadline, "the batch ended or stalled before the kill"
+        time.sleep(0.05)
+    first.kill()
+    first.wait()
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "already done" in resumed.stderr + resumed.stdout, resumed.stderr[-2000:]
+    answered = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(row["custom_id"] for row in answered) == sorted(row["custom_id"] for row in rows)
+    alone = {model: _vllm_answers(vllm_server, model) for model in (BASE, "price", "support")}
+    for row in answered:
+        index = int(row["custom_id"][1:])
+        assert row["response"]["choices"][0]["text"] == alone[rows[index]["model"]][index % 3], row["custom_id"]
+
+
 def _vllm_lora_calls(registry: Path) -> list[tuple[str, str, str | None]]:
     """What vLLM itself logged: ("load", name, path) and ("unload", name, None), in order."""
     import re

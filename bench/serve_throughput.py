@@ -43,10 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of mixed and single (best is kept)")
     parser.add_argument(
         "--peer",
-        choices=["llama.cpp"],
+        choices=["llama.cpp", "vllm"],
         default=None,
         help="also run one-adapter and mixed over HTTP (the official openai client) against this peer and against "
-        "lorafleet serve, and print lorafleet/peer (llama.cpp is built into the cache on first use: minutes)",
+        "lorafleet serve, and print lorafleet/peer (llama.cpp is built into the cache on first use: minutes; "
+        "vllm: `make vllm`'s CPU build, base only too, float32 and bfloat16)",
     )
     return parser.parse_args()
 
@@ -103,7 +104,8 @@ def naive_tokens_per_s(base_dir, adapter_dirs, prompts, models, tokens, threads)
 
 
 def hot_load_ms(engine, adapter_dir, count, busy_prompt=None) -> list[float]:
-    """Load + unload `count` times; with `busy_prompt`, while 8 requests decode (cancelled afterwards)."""
+    """Load + unload `count` times; with `busy_prompt`, while up to 8 requests decode (cancelled afterwards)."""
+    busy = min(8, engine.config.max_batch_size)
 
     async def main():
         streams: list = []
@@ -111,9 +113,9 @@ def hot_load_ms(engine, adapter_dir, count, busy_prompt=None) -> list[float]:
         if busy_prompt is not None:
             tokens = engine.config.max_tokens
             background = asyncio.gather(
-                *(_one(engine, busy_prompt, ADAPTERS[i % 4], tokens, streams) for i in range(8))
+                *(_one(engine, busy_prompt, ADAPTERS[i % 4], tokens, streams) for i in range(busy))
             )
-            while engine.stats().running < 8:
+            while engine.stats().running < busy:
                 await asyncio.sleep(0.01)
         times = []
         for index in range(count):
@@ -195,6 +197,51 @@ def peer_table(args: argparse.Namespace, config, base_dir, adapter_dirs) -> None
         print(f"{side} mixed/one = {max(runs['4 adapters mixed']) / max(runs['one adapter']):.2f}x")
 
 
+def vllm_table(args: argparse.Namespace, config, adapter_dirs) -> None:
+    """lorafleet serve (CPU engine) and vLLM's CPU build, same weights and requests: one adapter, 4 mixed, the
+    base alone; in float32, then bfloat16 (each engine casts the same F32 checkpoint)."""
+    from vllm_peer import VllmServer
+
+    from lorafleet.serving.app import create_app
+    from lorafleet.serving.server import ServerThread
+
+    prompts = [f"Request {i}: describe item number {i} in a few words." for i in range(args.requests)]
+    scenarios = {
+        "one adapter": [ADAPTERS[0]] * args.requests,
+        "4 adapters mixed": [ADAPTERS[i % 4] for i in range(args.requests)],
+        "base only": ["base"] * args.requests,
+    }
+    threads = args.threads or os.cpu_count() or 1
+    adapters = dict(zip(ADAPTERS, adapter_dirs, strict=True))
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        server = ServerThread(create_app(config.model_copy(update={"dtype": dtype})))
+        ours = _best_runs(server, prompts, scenarios, args)
+        log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "vllm.log"
+        peer = VllmServer(args.model, adapters, dtype=dtype, threads=threads, log=log)
+        try:
+            theirs = _best_runs(contextlib.nullcontext(peer), prompts, scenarios, args)
+        finally:
+            peer.close()
+        rows += [(dtype, name, ours[name], theirs[name]) for name in scenarios]
+    shape = f"{args.requests} requests at once x {args.tokens} tokens, {threads} threads, best of {args.repeat}"
+    print(f"\nover HTTP, {shape}")
+    print(f"{'dtype':<9} {'scenario':<18} {'lorafleet':>10} {'vLLM CPU':>10} {'lorafleet/vLLM':>15}")
+    for dtype, name, a, b in rows:
+        print(f"{dtype:<9} {name:<18} {a:>10.1f} {b:>10.1f} {a / b:>14.2f}x")
+
+
+def _best_runs(server_context, prompts, scenarios, args) -> dict[str, float]:
+    with server_context as server:
+        warm = [(m, {}) for m in scenarios["4 adapters mixed"][:4]]
+        http_tokens_per_s(server.url, prompts[:4], warm, 4)
+        runs: dict[str, list[float]] = {name: [] for name in scenarios}
+        for _ in range(args.repeat):
+            for name, models in scenarios.items():
+                runs[name].append(http_tokens_per_s(server.url, prompts, [(m, {}) for m in models], args.tokens))
+    return {name: max(values) for name, values in runs.items()}
+
+
 def start_engine(args: argparse.Namespace):
     """(engine, base folder, adapter folders): the CPU engine serving four random LoRA adapters."""
     from lorafleet.models import resolve_model
@@ -266,8 +313,10 @@ def main() -> None:
         f"hot-load latency: idle median {statistics.median(idle_loads):.1f} ms (max {max(idle_loads):.1f}); "
         f"during decoding median {statistics.median(busy_loads):.1f} ms (max {max(busy_loads):.1f})"
     )
-    if args.peer:
+    if args.peer == "llama.cpp":
         peer_table(args, config, base_dir, adapter_dirs)
+    elif args.peer == "vllm":
+        vllm_table(args, config, adapter_dirs)
 
 
 if __name__ == "__main__":

@@ -204,6 +204,88 @@ def test_batch_against_vllm_survives_a_kill_and_resumes_to_every_row_once(vllm_s
         assert row["response"]["choices"][0]["text"] == alone[rows[index]["model"]][index % 3], row["custom_id"]
 
 
+def _remap(argv: list[str], mapping: dict[str, str]) -> list[str]:
+    """`argv` with each mapped value (and path prefix) replaced: the pod's mount, ports and bind address."""
+    out = []
+    for arg in argv:
+        for old, new in mapping.items():
+            arg = new if arg == old else arg.replace(old + "/", new + "/") if old.startswith("/") else arg
+        out.append(arg)
+    return out
+
+
+def test_the_helm_charts_argv_runs_verbatim_on_real_vllm_and_its_sync_sidecar_routes(
+    vllm_server, registry, smollm2, tmp_path
+):
+    """`helm template` of the vllm backend: the server container's command + args, with only the storage mount,
+    ports and bind address remapped, start a real vLLM that serves the chart's startup adapter; the sync
+    sidecar's args then route `price` to its own versioned name, answered through the router."""
+    from lorafleet.serving.config import ServingConfig
+    from lorafleet.serving.vllm import vllm_launcher
+    from tests.test_helm import container, env_of, helm_command, one, render
+
+    mount, storage = "/mnt/lorafleet", str(registry / "storage")
+    values = {"backend": "vllm", "base": {"model": smollm2}, "adapters": [{"name": "price", "version": "v1"}],
+              "vllm": {"extraArgs": ["--max-model-len", "512", "--dtype", "float32"]}}  # fmt: skip
+    deployment = one(render(helm_command("helm"), values, tmp_path), "Deployment")
+    server, sidecar = container(deployment, "server"), container(deployment, "sync")
+    port, route_port = _free_port(), _free_port()
+    mapping = {mount: storage, "8000": str(port), "8001": str(route_port), "0.0.0.0": "127.0.0.1",
+               "http://127.0.0.1:8000": f"http://127.0.0.1:{port}"}  # fmt: skip
+    argv = _remap(server["command"] + server["args"], mapping)
+    assert argv[:2] == ["vllm", "serve"] and "--lora-modules" in argv
+    launcher = vllm_launcher(ServingConfig(engine="vllm", base=smollm2))
+    command = argv if launcher == argv[:2] else [*launcher, "--model", argv[2], *argv[3:]]
+    env = {**os.environ, **VLLM_ENV, **{k: e["value"] for k, e in env_of(server).items() if "value" in e}}
+    log = open(tmp_path / "chart-vllm.log", "w")  # noqa: SIM115
+    chart_vllm = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    sync_argv = _remap(sidecar["command"] + sidecar["args"], mapping)
+    assert sync_argv[:2] == ["lorafleet", "sync"]
+    sidecar_process = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while not _healthy(url):
+            assert chart_vllm.poll() is None, (tmp_path / "chart-vllm.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the chart's vLLM did not start in 300 s"
+            time.sleep(1)
+        assert _vllm_answers(url, "price") == _vllm_answers(vllm_server, "price")  # the same v1 weights
+        sidecar_process = subprocess.Popen(
+            [sys.executable, "-m", "lorafleet", *sync_argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        router = f"http://127.0.0.1:{route_port}"
+        deadline = time.monotonic() + 180
+        while not (_healthy(router) and any(n.startswith("price.v1-") for n in _listed(url))):
+            assert sidecar_process.poll() is None, sidecar_process.stderr.read() if sidecar_process.stderr else ""
+            assert time.monotonic() < deadline, "the sidecar did not route price in 180 s"
+            time.sleep(1)
+        assert _vllm_answers(router, "price") == _vllm_answers(vllm_server, "price")
+    finally:
+        if sidecar_process is not None:
+            sidecar_process.terminate()
+            sidecar_process.wait(60)
+        os.killpg(chart_vllm.pid, signal.SIGTERM)
+        try:
+            chart_vllm.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(chart_vllm.pid, signal.SIGKILL)
+        log.close()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _listed(url: str) -> set[str]:
+    try:
+        return {card["id"] for card in httpx.get(f"{url}/v1/models", timeout=5).json()["data"]}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return set()
+
+
 def _vllm_lora_calls(registry: Path) -> list[tuple[str, str, str | None]]:
     """What vLLM itself logged: ("load", name, path) and ("unload", name, None), in order."""
     import re

@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -216,7 +217,11 @@ def test_publish_puts_the_best_adapter_in_the_registry_with_its_lineage(swept, t
 
 @pytest.mark.slow
 def test_a_failing_trial_is_reported_and_does_not_stop_the_sweep(tmp_path: Path) -> None:
+    from lorafleet.models import resolve_model
+
+    # A model folder that passes validation (config, tokenizer) and fails in its trial: it has no weights.
     missing = tmp_path / "no-such-model"
+    shutil.copytree(resolve_model("builtin:tiny-llama"), missing, ignore=shutil.ignore_patterns("*.safetensors"))
     path = sweep_config(
         tmp_path,
         {"space": {"model.name_or_path": {"grid": ["builtin:tiny-llama", str(missing)]}}, "max_concurrent_trials": 2},

@@ -204,6 +204,52 @@ def test_batch_against_vllm_survives_a_kill_and_resumes_to_every_row_once(vllm_s
         assert row["response"]["choices"][0]["text"] == alone[rows[index]["model"]][index % 3], row["custom_id"]
 
 
+def test_a_merged_model_from_the_registry_serves_on_vllm_like_the_adapter_on_its_base(vllm_server, registry, tmp_path):
+    """merge (a run folder as training leaves it, holding price v1) -> publish --merged -> serve --engine vllm
+    --base registry:price-merged@v1: greedy float32 answers equal the adapter's on its base."""
+    import shutil
+
+    from lorafleet.config import JobConfig
+    from lorafleet.runs import RunFolder, RunRecord
+
+    storage = registry / "storage"
+    run_dir = storage / "runs" / "price-run"
+    shutil.copytree(storage / "adapters" / "price" / "v1", run_dir / "adapter",
+                    ignore=shutil.ignore_patterns("manifest.json"))  # fmt: skip
+    folder = RunFolder(str(run_dir))
+    folder.write_config(JobConfig(name="price", model={"name_or_path": BASE}, data={"train": "builtin:price"}))
+    folder.write_record(RunRecord(run_id="price-run", status="succeeded", global_step=1))
+    merged = run_cli("merge", "price-run", "--storage", str(storage), "--dtype", "fp32", timeout=600)
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    published = run_cli("publish", "price-run", "--merged", "--name", "price-merged", "--storage", str(storage))
+    assert published.returncode == 0, published.stdout + published.stderr
+
+    port = _free_port()
+    command = [sys.executable, "-m", "lorafleet", "serve", "--engine", "vllm", "--storage", str(storage),
+               "--base", "registry:price-merged@v1", "--served-model-name", "merged", "--port", str(port),
+               "--max-model-len", "512", "--dtype", "float32"]  # fmt: skip
+    log = open(tmp_path / "merged-vllm.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        command, env={**os.environ, **VLLM_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while not _healthy(url):
+            assert server.poll() is None, (tmp_path / "merged-vllm.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "vLLM with the merged base did not start in 300 s"
+            time.sleep(1)
+        assert _listed(url) == {"merged"}
+        assert _vllm_answers(url, "merged") == _vllm_answers(vllm_server, "price")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
 def _remap(argv: list[str], mapping: dict[str, str]) -> list[str]:
     """`argv` with each mapped value (and path prefix) replaced: the pod's mount, ports and bind address."""
     out = []

@@ -121,24 +121,8 @@ def _train(
         after_ray_init()
     if console is not None:
         console.follow_workers()
-    try:
-        trainer = build_torch_trainer(job, folder, deepspeed=deepspeed, callbacks=callbacks)
-        result = fit_interruptibly(trainer) if after_ray_init is not None else trainer.fit()
-        error = result.error if result.checkpoint is not None else result.error or "no checkpoint was reported"
-    except RunStopped:
-        raise
-    except Exception as exc:  # Ray Train V2 raises the workers' error from fit()
-        error = exc
-    if error is not None:
-        ours = lorafleet_cause(error)  # a bad row or setting seen by a worker: the same message as on the driver
-        folder.write_record(
-            RunRecord(run_id=run_id, status="failed", error=str(ours or error), run_dir=folder.uri, sweep=sweep)
-        )
-        if ours is not None:
-            raise ours
-        log = f"\n(the workers' full output: {console.log_path})" if console is not None else ""
-        raise TrainingFailed(f"run {run_id} failed: {error}{log}")
-
+    trainer = build_torch_trainer(job, folder, deepspeed=deepspeed, callbacks=callbacks)
+    result = _fit(trainer, folder, console, sweep, interruptible=after_ray_init is not None)
     final_checkpoint = result.checkpoint
     if job.training.best_metric:
         final_checkpoint = result.get_best_checkpoint(job.training.best_metric, job.training.best_metric_mode)
@@ -163,6 +147,27 @@ def _train(
     )
     folder.write_record(record)
     return record
+
+
+def _fit(trainer, folder: RunFolder, console: RunConsole | None, sweep: SweepTrial | None, *, interruptible: bool):
+    """Ray Train's result; a failure is written to run.json and raised as the worker's own error when it is ours."""
+    try:
+        result = fit_interruptibly(trainer) if interruptible else trainer.fit()
+        error = result.error if result.checkpoint is not None else result.error or "no checkpoint was reported"
+    except RunStopped:
+        raise
+    except Exception as exc:  # Ray Train V2 raises the workers' error from fit()
+        error = exc
+    if error is None:
+        return result
+    ours = lorafleet_cause(error)  # a bad row or setting seen by a worker: the same message as on the driver
+    folder.write_record(
+        RunRecord(run_id=folder.run_id, status="failed", error=str(ours or error), run_dir=folder.uri, sweep=sweep)
+    )
+    if ours is not None:
+        raise ours
+    log = f"\n(the workers' full output: {console.log_path})" if console is not None else ""
+    raise TrainingFailed(f"run {folder.run_id} failed: {error}{log}")
 
 
 def prepare_run_folder(job: JobConfig, folder: RunFolder, resuming: bool) -> dict | None:

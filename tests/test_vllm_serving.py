@@ -10,6 +10,7 @@ at start) is a clear error with a non-zero exit, and nothing is left running.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -69,37 +70,42 @@ def registry(smollm2, tmp_path_factory) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def running_vllm(command: list[str], port: int, log_path: Path, env: dict[str, str] | None = None):
+    """Start `command` (a vLLM server on `port`) in its own process group, yield its URL once /health answers
+    (pytest.fail with its log if it exits or takes over 300 s), and stop the whole group afterwards."""
+    log = open(log_path, "w")  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(
+        command, env=env or {**os.environ, **VLLM_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while not _healthy(url):
+            if server.poll() is not None:
+                pytest.fail(f"vLLM exited ({server.returncode}):\n{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM did not start in 300 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(30)
+        log.close()
+
+
 @pytest.fixture(scope="module")
 def vllm_server(registry):
     port = _free_port()
     command = [sys.executable, "-m", "lorafleet", "serve", "--engine", "vllm", "--base", BASE, "--port", str(port),
                "--storage", str(registry / "storage"), "--adapters", "price@prod,support", "--max-model-len", "512",
                "--dtype", "float32"]  # fmt: skip
-    log = open(registry / "vllm.log", "w")  # noqa: SIM115 (closed at teardown)
-    server = subprocess.Popen(
-        command, env={**os.environ, **VLLM_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while True:
-        if server.poll() is not None:
-            pytest.fail(f"vLLM exited ({server.returncode}):\n{(registry / 'vllm.log').read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"vLLM did not start in 300 s:\n{(registry / 'vllm.log').read_text()[-4000:]}")
-        time.sleep(1)
-    yield url
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
-        server.wait(30)
-    log.close()
+    with running_vllm(command, port, registry / "vllm.log") as url:
+        yield url
 
 
 def _vllm_answers(url: str, model: str) -> list[str]:
@@ -228,26 +234,9 @@ def test_a_merged_model_from_the_registry_serves_on_vllm_like_the_adapter_on_its
     command = [sys.executable, "-m", "lorafleet", "serve", "--engine", "vllm", "--storage", str(storage),
                "--base", "registry:price-merged@v1", "--served-model-name", "merged", "--port", str(port),
                "--max-model-len", "512", "--dtype", "float32"]  # fmt: skip
-    log = open(tmp_path / "merged-vllm.log", "w")  # noqa: SIM115
-    server = subprocess.Popen(
-        command, env={**os.environ, **VLLM_ENV}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while not _healthy(url):
-            assert server.poll() is None, (tmp_path / "merged-vllm.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "vLLM with the merged base did not start in 300 s"
-            time.sleep(1)
+    with running_vllm(command, port, tmp_path / "merged-vllm.log") as url:
         assert _listed(url) == {"merged"}
         assert _vllm_answers(url, "merged") == _vllm_answers(vllm_server, "price")
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
 
 
 def _remap(argv: list[str], mapping: dict[str, str]) -> list[str]:
@@ -283,39 +272,24 @@ def test_the_helm_charts_argv_runs_verbatim_on_real_vllm_and_its_sync_sidecar_ro
     launcher = vllm_launcher(ServingConfig(engine="vllm", base=smollm2))
     command = argv if launcher == argv[:2] else [*launcher, "--model", argv[2], *argv[3:]]
     env = {**os.environ, **VLLM_ENV, **{k: e["value"] for k, e in env_of(server).items() if "value" in e}}
-    log = open(tmp_path / "chart-vllm.log", "w")  # noqa: SIM115
-    chart_vllm = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     sync_argv = _remap(sidecar["command"] + sidecar["args"], mapping)
     assert sync_argv[:2] == ["lorafleet", "sync"]
-    sidecar_process = None
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while not _healthy(url):
-            assert chart_vllm.poll() is None, (tmp_path / "chart-vllm.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, "the chart's vLLM did not start in 300 s"
-            time.sleep(1)
+    with running_vllm(command, port, tmp_path / "chart-vllm.log", env) as url:
         assert _vllm_answers(url, "price") == _vllm_answers(vllm_server, "price")  # the same v1 weights
         sidecar_process = subprocess.Popen(
             [sys.executable, "-m", "lorafleet", *sync_argv[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
-        router = f"http://127.0.0.1:{route_port}"
-        deadline = time.monotonic() + 180
-        while not (_healthy(router) and any(n.startswith("price.v1-") for n in _listed(url))):
-            assert sidecar_process.poll() is None, sidecar_process.stderr.read() if sidecar_process.stderr else ""
-            assert time.monotonic() < deadline, "the sidecar did not route price in 180 s"
-            time.sleep(1)
-        assert _vllm_answers(router, "price") == _vllm_answers(vllm_server, "price")
-    finally:
-        if sidecar_process is not None:
+        try:
+            router = f"http://127.0.0.1:{route_port}"
+            deadline = time.monotonic() + 180
+            while not (_healthy(router) and any(n.startswith("price.v1-") for n in _listed(url))):
+                assert sidecar_process.poll() is None, sidecar_process.stderr.read() if sidecar_process.stderr else ""
+                assert time.monotonic() < deadline, "the sidecar did not route price in 180 s"
+                time.sleep(1)
+            assert _vllm_answers(router, "price") == _vllm_answers(vllm_server, "price")
+        finally:
             sidecar_process.terminate()
             sidecar_process.wait(60)
-        os.killpg(chart_vllm.pid, signal.SIGTERM)
-        try:
-            chart_vllm.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(chart_vllm.pid, signal.SIGKILL)
-        log.close()
 
 
 def _healthy(url: str) -> bool:

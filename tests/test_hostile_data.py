@@ -125,7 +125,7 @@ def test_the_worker_error_is_found_inside_rays_wrappers() -> None:
     from ray.exceptions import RayTaskError
     from ray.train.v2.api.exceptions import WorkerGroupError
 
-    from lorafleet.training.launcher import lorafleet_cause
+    from lorafleet.training.worker_errors import lorafleet_cause
 
     ours = DataError("train.jsonl", [Problem("train.jsonl:4", "field 'output': missing")])
     wrapped = RayTaskError("train_loop", "Traceback ...", ours)

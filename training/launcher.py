@@ -37,6 +37,7 @@ from lorafleet.storage import upload_dir
 from lorafleet.training.console import RunConsole
 from lorafleet.training.ray_watchdog import start_watchdog, watch_session
 from lorafleet.training.run_signals import RunStopped, fit_interruptibly, stop_on_signals
+from lorafleet.training.worker_errors import failure_summary, lorafleet_cause
 
 CHECKPOINT_ONLY_FILES = re.compile(
     r"^((optimizer|scheduler|rng_state.*|trainer_state|training_args|scaler)\.(pt|pth|json|bin)"
@@ -167,7 +168,7 @@ def _fit(trainer, folder: RunFolder, console: RunConsole | None, sweep: SweepTri
     if ours is not None:
         raise ours
     log = f"\n(the workers' full output: {console.log_path})" if console is not None else ""
-    raise TrainingFailed(f"run {folder.run_id} failed: {error}{log}")
+    raise TrainingFailed(f"run {folder.run_id} failed:\n{failure_summary(error)}{log}")
 
 
 def prepare_run_folder(job: JobConfig, folder: RunFolder, resuming: bool) -> dict | None:
@@ -207,19 +208,6 @@ def prune_uncommitted_checkpoints(checkpoints: Path) -> list[str]:
                 shutil.rmtree(entry)
                 removed.append(entry.name)
     return removed
-
-
-def lorafleet_cause(error: BaseException | str, seen: set[int] | None = None) -> LorafleetError | None:
-    """The LorafleetError a worker raised, found inside Ray's wrappers (worker failures, task errors, causes)."""
-    seen = seen if seen is not None else set()
-    if isinstance(error, str) or id(error) in seen:
-        return None
-    seen.add(id(error))
-    if isinstance(error, LorafleetError):
-        return error
-    inner: list[BaseException] = list(getattr(error, "worker_failures", {}).values())
-    inner += [e for e in (getattr(error, "cause", None), error.__cause__, error.__context__) if e is not None]
-    return next((found for e in inner if (found := lorafleet_cause(e, seen)) is not None), None)
 
 
 def provision_builtins(job: JobConfig) -> None:

@@ -87,6 +87,9 @@ class ServingConfig(BaseModel):
         None, ge=16, description="Context length (prompt + completion); default: the model's own limit."
     )
     max_tokens: int = Field(512, ge=1, description="Most tokens one request may generate (its max_tokens cap).")
+    max_n: int = Field(
+        16, ge=1, le=128, description="Most choices (`n`) one request may ask; each takes a batch slot (400 above)."
+    )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights' dtype (`auto`: float32 on the CPU engine, the model's dtype on vLLM)."

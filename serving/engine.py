@@ -28,6 +28,7 @@ import asyncio
 import logging
 import threading
 from concurrent.futures import Future
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -37,7 +38,13 @@ from lorafleet.serving.adapter_store import AdapterStore, LoadedAdapter
 from lorafleet.serving.adapters import AdapterError, inspect_adapter
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.decode_attention import use_decode_attention
-from lorafleet.serving.engine_api import EngineStats, GenerationRequest, NonFiniteLogits, UnknownModel
+from lorafleet.serving.engine_api import (
+    ChoiceFamily,
+    EngineStats,
+    GenerationRequest,
+    NonFiniteLogits,
+    UnknownModel,
+)
 from lorafleet.serving.fault_isolation import isolate, rows_of
 from lorafleet.serving.kv_cache import RunningBatch
 from lorafleet.serving.model_runner import ModelRunner
@@ -121,25 +128,42 @@ class CPUEngine:
 
     def stats(self) -> EngineStats:
         adapters = len(self.store) if self.store is not None else 0
-        return EngineStats(waiting=self.queue.depth(), running=self._running, adapters=adapters)
+        prefilled = self.runner.prefilled_rows if self.runner is not None else 0
+        return EngineStats(self.queue.depth(), self._running, adapters, prefilled)
 
     # ---- requests (server thread) ---------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestStream:
         """Queue a request; raises UnknownModel (404), QueueFull (429) or EngineStopped (503)."""
+        return self._submit_all([request], loop)[0]
+
+    def submit_choices(
+        self, request: GenerationRequest, n: int, loop: asyncio.AbstractEventLoop
+    ) -> list[RequestStream]:
+        """Queue the `n` choices of one request (prefilled once, sampled apart, choice i seeded seed + i)."""
+        if n == 1:
+            return [self.submit(request, loop)]
+        family = ChoiceFamily(n)
+        choices = [replace(request, params=request.params.for_choice(i), family=family) for i in range(n)]
+        return self._submit_all(choices, loop)
+
+    def _submit_all(self, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop) -> list[RequestStream]:
         if not self.running:
             raise EngineStopped("the engine is not running")
-        if request.model != self.config.model_id:
-            request.adapter = self.store.acquire(request.model)
-            if request.adapter is None:
-                raise UnknownModel(request.model)
-        stream = RequestStream(request=request, loop=loop)
+        streams = []
         try:
-            self.queue.submit(stream)
+            for request in requests:
+                if request.model != self.config.model_id:
+                    request.adapter = self.store.acquire(request.model)
+                    if request.adapter is None:
+                        raise UnknownModel(request.model)
+                streams.append(RequestStream(request=request, loop=loop))
+            self.queue.submit(*streams)
         except ServingError:
-            self.store.release(request.adapter)
+            for request in requests:
+                self.store.release(request.adapter)
             raise
-        return stream
+        return streams
 
     def has_model(self, name: str) -> bool:
         return name == self.config.model_id or (self.store is not None and name in self.store)

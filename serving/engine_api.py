@@ -35,12 +35,20 @@ class NonFiniteLogits(ServingError):
         )
 
 
+@dataclass(eq=False)
+class ChoiceFamily:
+    """The `n` choices of one API request: one prompt, prefilled once, then `size` sampling streams."""
+
+    size: int
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
     model: str
     params: SamplingParams
     adapter: LoadedAdapter | None = None
+    family: ChoiceFamily | None = None  # set by `submit_choices` on each of the n siblings
 
 
 @dataclass
@@ -48,6 +56,7 @@ class EngineStats:
     waiting: int
     running: int
     adapters: int
+    prefilled_rows: int = 0  # prompts run through the model since start (n choices of one request count once)
 
 
 class Engine(Protocol):
@@ -67,6 +76,10 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def submit(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop) -> RequestStream: ...
+
+    def submit_choices(
+        self, request: GenerationRequest, n: int, loop: asyncio.AbstractEventLoop
+    ) -> list[RequestStream]: ...
 
     def has_model(self, name: str) -> bool: ...
 

@@ -27,9 +27,38 @@ class ModelRunner:
         self.dtype = dtype
         self.pad_id = pad_id
         self.prefixes = prefixes
+        self.prefilled_rows = 0  # prompts run through the model (the n choices of one request count once)
 
     def prefill(self, key: str, seqs: list[Sequence]) -> tuple[RunningBatch, list[int | None]]:
-        """Run the prompts of `seqs` together: their running batch and each one's first token."""
+        """Run the prompts of `seqs` together: their running batch and each one's first token.
+
+        The choices of one request (one `family`) run their prompt once; its logits and KV rows are then copied
+        to each sibling, which draws its first token with its own generator.
+        """
+        leaders: dict[int, int] = {}
+        unique: list[Sequence] = []
+        row_of: list[int] = []
+        for seq in seqs:
+            family = seq.request.family
+            if family is None or id(family) not in leaders:
+                if family is not None:
+                    leaders[id(family)] = len(unique)
+                unique.append(seq)
+            row_of.append(leaders[id(family)] if family is not None else len(unique) - 1)
+        logits, cache, mask, cacheable = self._run_prompts(key, unique)
+        self.prefilled_rows += len(unique)
+        if len(unique) < len(seqs):
+            index = torch.tensor(row_of)
+            logits, mask = logits[index], mask[index]
+            cache = make_cache([(k[index], v[index]) for k, v in cache_tensors(cache)])
+            cacheable = [cacheable[row] for row in row_of]
+        first = self.choose(logits, seqs)
+        batch = RunningBatch(rows=seqs, cache=cache, mask=mask, next_tokens=torch.tensor([]))
+        self._keep_prompts(batch, [ok and token is not None for ok, token in zip(cacheable, first, strict=True)])
+        return batch, first
+
+    def _run_prompts(self, key: str, seqs: list[Sequence]):
+        """(last logits [rows, vocab], KV cache, mask, whether each row's prompt KV may be cached)."""
         virtual = [seq.adapter.virtual if seq.adapter else None for seq in seqs]
         cached = [self._cached(seq) if v is None else (0, None) for seq, v in zip(seqs, virtual, strict=True)]
         # What goes before a row's prompt tokens in the cache: its prefix-tuning KV, or its cached prompt prefix
@@ -66,10 +95,7 @@ class ModelRunner:
             else:
                 inputs["input_ids"] = ids
             out = self.model(**inputs, use_cache=True, logits_to_keep=1)
-        first = self.choose(out.logits[:, -1], seqs)
-        batch = RunningBatch(rows=seqs, cache=out.past_key_values, mask=mask, next_tokens=torch.tensor([]))
-        self._keep_prompts(batch, [v is None and token is not None for v, token in zip(virtual, first, strict=True)])
-        return batch, first
+        return out.logits[:, -1], out.past_key_values, mask, [v is None for v in virtual]
 
     def _cached(self, seq: Sequence) -> tuple[int, LayerKV | None]:
         if self.prefixes is None:

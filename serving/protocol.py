@@ -2,7 +2,7 @@
 
 Shared by the server, the tests and `serving.client`. Requests forbid unknown fields (400 naming the field).
 Standard OpenAI parameters that the CPU engine does not implement are accepted only at their neutral value
-(`n: 1`, `logprobs: null`, `frequency_penalty: 0`, ...) and rejected with a 400 naming the field otherwise;
+(`logprobs: null`, `frequency_penalty: 0`, ...) and rejected with a 400 naming the field otherwise;
 purely informational ones (`user`, `metadata`, `store`, `service_tier`) are accepted and ignored.
 """
 
@@ -95,8 +95,6 @@ class SamplingFields(Strict):
 
     def unsupported(self) -> None:
         """Raise `Unsupported` for the first parameter set to a value the engine cannot honour."""
-        if self.n != 1:
-            raise Unsupported("n", "n > 1 is not supported by the CPU engine: send n separate requests")
         for name in ("frequency_penalty", "presence_penalty"):
             if getattr(self, name):
                 raise Unsupported(name, f"{name} is not supported by the CPU engine (use 0 or leave it out)")

@@ -116,13 +116,14 @@ class RequestQueue:
         self._closed = False
         self._poked = False
 
-    def submit(self, stream: RequestStream) -> None:
+    def submit(self, *streams: RequestStream) -> None:
+        """Queue these streams together, next to each other (the n choices of one request), or none of them."""
         with self._cond:
             if self._closed:
                 raise EngineStopped("the server is shutting down; retry on another replica")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(streams) > self.max_queue:
                 raise QueueFull(f"the request queue is full ({self.max_queue} waiting); retry shortly")
-            self._waiting.append(stream)
+            self._waiting.extend(streams)
             self._cond.notify_all()
 
     def take(
@@ -130,6 +131,7 @@ class RequestQueue:
     ) -> tuple[list[RequestStream], list[RequestStream]]:
         """(up to `limit` waiting requests that `admit` accepts, oldest first; the cancelled ones, removed).
 
+        The choices of one request (one `family`) are taken, kept or dropped together, so they share one prefill.
         `idle`: nothing is running, so block until a request arrives (or `poke`), then give the batch
         `max_wait_s` to fill.
         """
@@ -148,16 +150,24 @@ class RequestQueue:
             dropped: list[RequestStream] = []
             kept: deque[RequestStream] = deque()
             while self._waiting:
-                stream = self._waiting.popleft()
-                if stream.cancelled:
-                    dropped.append(stream)
-                    continue
-                if len(taken) < limit and admit(stream):
-                    taken.append(stream)
+                group = self._pop_family()
+                if any(stream.cancelled for stream in group):
+                    dropped.extend(group)
+                elif len(taken) + len(group) <= limit and admit(group[0]):
+                    taken.extend(group)
                 else:
-                    kept.append(stream)
+                    kept.extend(group)
             self._waiting = kept
             return taken, dropped
+
+    def _pop_family(self) -> list[RequestStream]:
+        """The oldest waiting stream and the siblings queued right after it (its request's other choices)."""
+        group = [self._waiting.popleft()]
+        family = getattr(group[0].request, "family", None)
+        if family is not None:
+            while len(group) < family.size and self._waiting and self._waiting[0].request.family is family:
+                group.append(self._waiting.popleft())
+        return group
 
     def poke(self) -> None:
         """Wake an idle `take` (a command or shutdown is waiting for the model thread)."""

@@ -8,7 +8,7 @@ finite (an adapter with NaN weights) gets no token (None): the engine fails that
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,6 +24,13 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice `index` of n: seed + index (vLLM's rule), so choice i equals a single request
+        sent with that seed; unseeded choices draw their own seeds."""
+        if self.seed is None or index == 0:
+            return self
+        return replace(self, seed=(self.seed + index) % 2**64)
 
     @property
     def greedy(self) -> bool:

@@ -188,3 +188,19 @@ def test_ray_data_run_writes_the_same_answers(settings, expected, tmp_path):
     records = read_output(tmp_path / "out.jsonl")
     assert sorted(r["line"] for r in records) == [1, 2, 3, 4, 5]
     assert texts(records) == expected
+
+
+def test_a_row_may_ask_n_choices_and_gets_the_servers_n_answers(settings, server, tmp_path):
+    sampled = {"max_tokens": 5, "temperature": 1.0, "seed": 21, "ignore_eos": True, "n": 3}
+    rows = [{"custom_id": "many", "model": "a", "prompt": "Pick a number", **sampled}]
+    write_rows(tmp_path / "in.jsonl", rows)
+    job = BatchJob(
+        input=tmp_path / "in.jsonl", output=tmp_path / "out.jsonl", model=BASE_ID, settings=settings, progress=False
+    )
+    assert run_batch(job).ok == 1
+    (record,) = read_output(tmp_path / "out.jsonl")
+    body = {"model": "a", "prompt": "Pick a number", **sampled}
+    served = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"]
+    choices = record["response"]["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert [c["text"] for c in choices] == [c["text"] for c in served]

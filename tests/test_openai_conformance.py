@@ -81,6 +81,7 @@ COMPLETIONS = {
     "one prompt": {"model": "tiny", "prompt": "hello", "max_tokens": 4},
     "a list of one prompt, an adapter": {"model": "a", "prompt": ["hi there"], "max_tokens": 3, "temperature": 0.7},
     "token ids, a stop string": {"model": "b", "prompt": [1, 2, 3], "stop": ["\n"], "max_tokens": 5, "seed": 3},
+    "three choices": {"model": "a", "prompt": "hello", "n": 3, "max_tokens": 4, "temperature": 1, "seed": 9},
 }
 
 
@@ -101,6 +102,7 @@ CHATS = {
         ],
         "max_completion_tokens": 3,
     },
+    "two choices": {"model": "b", "messages": [{"role": "user", "content": "hi"}], "n": 2, "max_tokens": 3},
 }
 
 
@@ -112,8 +114,9 @@ def test_chat_completions_conform(client: httpx.Client, case: str) -> None:
 
 
 @pytest.mark.parametrize("usage", [False, True], ids=["plain", "include_usage"])
-def test_every_completion_stream_chunk_conforms(client: httpx.Client, usage: bool) -> None:
-    body = COMPLETIONS["a list of one prompt, an adapter"] | {"stream": True}
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_completion_stream_chunk_conforms(client: httpx.Client, usage: bool, n: int) -> None:
+    body = COMPLETIONS["a list of one prompt, an adapter"] | {"stream": True, "n": n}
     answered = client.post(
         "/v1/completions", json=body | ({"stream_options": {"include_usage": True}} if usage else {})
     )
@@ -122,11 +125,13 @@ def test_every_completion_stream_chunk_conforms(client: httpx.Client, usage: boo
     for chunk in chunks:
         assert_conforms(chunk, "CreateCompletionResponse", streamed_completion=True)
     assert ("usage" in chunks[-1] and chunks[-1]["choices"] == []) is usage
+    assert {choice["index"] for chunk in chunks for choice in chunk["choices"]} == set(range(n))
 
 
 @pytest.mark.parametrize("usage", [False, True], ids=["plain", "include_usage"])
-def test_every_chat_stream_chunk_conforms(client: httpx.Client, usage: bool) -> None:
-    body = CHATS["system + parts, an adapter"] | {"stream": True}
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_chat_stream_chunk_conforms(client: httpx.Client, usage: bool, n: int) -> None:
+    body = CHATS["system + parts, an adapter"] | {"stream": True, "n": n}
     answered = client.post(
         "/v1/chat/completions", json=body | ({"stream_options": {"include_usage": True}} if usage else {})
     )
@@ -136,6 +141,7 @@ def test_every_chat_stream_chunk_conforms(client: httpx.Client, usage: bool) -> 
         assert_conforms(chunk, "CreateChatCompletionStreamResponse")
     assert {chunk["id"] for chunk in chunks} == {chunks[0]["id"]}
     assert ("usage" in chunks[-1] and chunks[-1]["choices"] == []) is usage
+    assert {choice["index"] for chunk in chunks for choice in chunk["choices"]} == set(range(n))
 
 
 ERRORS = {

@@ -226,7 +226,7 @@ BAD_REQUESTS = [
         "BadRequestError",
         "max_tokens",
     ),
-    ("n-above-1", CHAT, {"model": "a", "messages": USER, "n": 2}, 400, "BadRequestError", "n"),
+    ("n-above-limit", CHAT, {"model": "a", "messages": USER, "n": 20}, 400, "BadRequestError", "n"),
     ("unknown-field", CHAT, {"model": "a", "messages": USER, "frobnicate": 1}, 400, "BadRequestError", "frobnicate"),
     ("empty-messages", CHAT, {"model": "a", "messages": []}, 400, "BadRequestError", "messages"),
     (

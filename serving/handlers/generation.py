@@ -51,14 +51,15 @@ class GenerationHandler:
             raise UnknownModel(body.model)
         request.state.model = body.model
         params = self.sampling_params(body, len(prompt_ids))
+        self.check_choices(body.n)
         started = time.monotonic()
-        stream = self._submit(GenerationRequest(prompt_ids, body.model, params))
+        streams = self._submit(GenerationRequest(prompt_ids, body.model, params), body.n)
         response_id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
-        observed = Observer(self.metrics, body.model, started)
+        observed = Observer(self.metrics, body.model, started, choices=body.n)
         if body.stream:
             options = body.stream_options
             events = sse_events(
-                stream,
+                streams,
                 observed,
                 response_id,
                 body.model,
@@ -67,15 +68,20 @@ class GenerationHandler:
                 continuous=bool(options and options.continuous_usage_stats),
             )
             return StreamingResponse(events, media_type="text/event-stream")
-        collected = await self._collect_while_connected(request, stream, observed)
+        collected = await self._collect_while_connected(request, streams, observed)
         if collected is None:
-            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the batch slot is already free
-        text, last = collected
-        return JSONResponse(self._response(response_id, body.model, text, last).model_dump(mode="json"))
+            return Response(status_code=CLIENT_CLOSED)  # nobody reads it; the batch slots are already free
+        return JSONResponse(self._response(response_id, body.model, collected).model_dump(mode="json"))
 
-    def _submit(self, request: GenerationRequest) -> RequestStream:
+    def check_choices(self, n: int) -> None:
+        """`n` choices take n batch slots at once: at most `max_n`, and never more than a batch holds."""
+        limit = min(self.config.max_n, self.config.max_batch_size)
+        if n > limit:
+            raise BadRequest(f"n {n} is above this server's limit of {limit} choices per request", param="n")
+
+    def _submit(self, request: GenerationRequest, n: int) -> list[RequestStream]:
         try:
-            return self.engine.submit(request, asyncio.get_running_loop())
+            return self.engine.submit_choices(request, n, asyncio.get_running_loop())
         except QueueFull:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise
@@ -85,30 +91,41 @@ class GenerationHandler:
             raise
 
     async def _collect_while_connected(
-        self, request: Request, stream: RequestStream, observed: Observer
-    ) -> tuple[str, Delta] | None:
-        """The whole answer, or None as soon as the client disconnects (the sequence is cancelled then)."""
-        collecting = asyncio.ensure_future(_collect(stream, observed))
+        self, request: Request, streams: list[RequestStream], observed: Observer
+    ) -> list[tuple[str, Delta]] | None:
+        """Every choice's whole answer, or None as soon as the client disconnects (the sequences are cancelled)."""
+        collecting = asyncio.ensure_future(asyncio.gather(*(_collect(stream, observed) for stream in streams)))
         watching = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watching.cancel()
-            stream.cancel()  # a no-op when finished; frees the slot if the client went away
+            for stream in streams:
+                stream.cancel()  # a no-op when finished; frees the slot if the client went away or a choice failed
         if not collecting.done():
             collecting.cancel()
             return None
         return collecting.result()
 
-    def _response(self, response_id: str, model: str, text: str, last: Delta):
-        usage = Usage.of(last.prompt_tokens, last.completion_tokens)
+    def _response(self, response_id: str, model: str, answers: list[tuple[str, Delta]]):
+        usage = Usage.of(answers[0][1].prompt_tokens, sum(last.completion_tokens for _, last in answers))
         created = int(time.time())
         if self.chat:
-            message = AssistantMessage(content=text)
-            choice = ChatChoice(message=message, finish_reason=last.finish_reason, stop_reason=last.stop_reason)
-            return ChatCompletionResponse(id=response_id, created=created, model=model, choices=[choice], usage=usage)
-        choice = CompletionChoice(text=text, finish_reason=last.finish_reason, stop_reason=last.stop_reason)
-        return CompletionResponse(id=response_id, created=created, model=model, choices=[choice], usage=usage)
+            choices = [
+                ChatChoice(
+                    index=index,
+                    message=AssistantMessage(content=text),
+                    finish_reason=last.finish_reason,
+                    stop_reason=last.stop_reason,
+                )
+                for index, (text, last) in enumerate(answers)
+            ]
+            return ChatCompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage)
+        choices = [
+            CompletionChoice(index=index, text=text, finish_reason=last.finish_reason, stop_reason=last.stop_reason)
+            for index, (text, last) in enumerate(answers)
+        ]
+        return CompletionResponse(id=response_id, created=created, model=model, choices=choices, usage=usage)
 
     def sampling_params(self, body, prompt_len: int) -> SamplingParams:
         limit, prompt_field, cap = self.engine.max_model_len, self.prompt_field, self.config.max_tokens

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,11 +21,12 @@ from lorafleet.serving.request_queue import Delta, RequestStream
 
 
 class Observer:
-    """Latency and token metrics of one generation."""
+    """Latency and token metrics of one request (its prompt counted once, whatever its number of choices)."""
 
-    def __init__(self, metrics: ServerMetrics, model: str, started: float):
+    def __init__(self, metrics: ServerMetrics, model: str, started: float, *, choices: int = 1):
         self.metrics, self.model, self.started = metrics, model, started
         self.first_seen = False
+        self.unfinished = choices
 
     def delta(self, delta: Delta) -> None:
         now = time.monotonic()
@@ -32,9 +34,11 @@ class Observer:
             self.first_seen = True
             self.metrics.time_to_first_token.labels(model=self.model).observe(now - self.started)
         if delta.final and delta.error is None:
-            self.metrics.e2e_latency.labels(model=self.model).observe(now - self.started)
-            self.metrics.prompt_tokens.labels(model=self.model).inc(delta.prompt_tokens)
+            self.unfinished -= 1
             self.metrics.generation_tokens.labels(model=self.model).inc(delta.completion_tokens)
+            if self.unfinished == 0:
+                self.metrics.e2e_latency.labels(model=self.model).observe(now - self.started)
+                self.metrics.prompt_tokens.labels(model=self.model).inc(delta.prompt_tokens)
 
 
 class ChunkWriter:
@@ -44,19 +48,21 @@ class ChunkWriter:
         self.response_id, self.model, self.chat, self.continuous = response_id, model, chat, continuous
         self.created = int(time.time())
 
-    def chunk(self, text: str | None, delta: Delta | None, *, role: bool = False) -> str:
+    def chunk(self, text: str | None, delta: Delta | None, *, index: int = 0, role: bool = False) -> str:
         finish = delta.finish_reason if delta else None
         stop_reason = delta.stop_reason if delta else None
         usage = Usage.of(delta.prompt_tokens, delta.completion_tokens) if (self.continuous and delta) else None
         if self.chat:
             message = DeltaMessage(role="assistant" if role else None, content=text)
-            choices = [ChatChunkChoice(delta=message, finish_reason=finish, stop_reason=stop_reason)]
+            choices = [ChatChunkChoice(index=index, delta=message, finish_reason=finish, stop_reason=stop_reason)]
         else:
-            choices = [CompletionChoice(text=text or "", finish_reason=finish, stop_reason=stop_reason)]
+            choices = [CompletionChoice(index=index, text=text or "", finish_reason=finish, stop_reason=stop_reason)]
         return self._line(choices, usage)
 
-    def usage(self, delta: Delta) -> str:
-        return self._line([], Usage.of(delta.prompt_tokens, delta.completion_tokens))
+    def usage(self, finals: list[Delta]) -> str:
+        """The usage chunk after every choice finished: the prompt once, the completions of all choices."""
+        completion = sum(delta.completion_tokens for delta in finals)
+        return self._line([], Usage.of(finals[0].prompt_tokens, completion))
 
     def _line(self, choices: list, usage: Usage | None) -> str:
         shape = ChatCompletionChunk if self.chat else CompletionResponse
@@ -77,7 +83,7 @@ class ChunkWriter:
 
 
 async def sse_events(
-    stream: RequestStream,
+    streams: list[RequestStream],
     observed: Observer,
     response_id: str,
     model: str,
@@ -86,19 +92,51 @@ async def sse_events(
     include_usage: bool,
     continuous: bool,
 ) -> AsyncIterator[str]:
+    """The chunks of every choice as they come (each carries its `index`), one usage chunk, then [DONE]."""
     writer = ChunkWriter(response_id, model, chat=chat, continuous=continuous)
+    finals: list[Delta] = []
     try:
         if chat:
-            yield writer.chunk("", None, role=True)
-        async for delta in stream:
+            for index in range(len(streams)):
+                yield writer.chunk("", None, index=index, role=True)
+        async for index, delta in interleaved(streams):
             observed.delta(delta)
             if delta.error is not None:
                 yield writer.error(delta.error)
                 break
             if delta.text or delta.finish_reason:
-                yield writer.chunk(delta.text, delta)
-            if delta.finish_reason and include_usage:
-                yield writer.usage(delta)
+                yield writer.chunk(delta.text, delta, index=index)
+            if delta.finish_reason:
+                finals.append(delta)
+        else:
+            if include_usage:
+                yield writer.usage(finals)
         yield "data: [DONE]\n\n"
     finally:
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
+
+
+async def interleaved(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from every stream in the order they arrive, until each has given its last."""
+    if len(streams) == 1:
+        async for delta in streams[0]:
+            yield 0, delta
+        return
+    arrived: asyncio.Queue[tuple[int, Delta]] = asyncio.Queue()
+
+    async def forward(index: int, stream: RequestStream) -> None:
+        async for delta in stream:
+            arrived.put_nowait((index, delta))
+
+    tasks = [asyncio.ensure_future(forward(index, stream)) for index, stream in enumerate(streams)]
+    try:
+        for _ in range(len(streams)):
+            while True:
+                index, delta = await arrived.get()
+                yield index, delta
+                if delta.final:
+                    break
+    finally:
+        for task in tasks:
+            task.cancel()

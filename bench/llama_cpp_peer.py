@@ -66,29 +66,22 @@ def llama_server() -> tuple[Path, Path]:
     return binary, source
 
 
-def convert(source: Path, base_dir: Path, adapter_dirs: list[Path], out: Path) -> tuple[Path, list[Path]]:
-    """The base and every adapter as F32 GGUF files, by llama.cpp's own conversion scripts."""
+def convert(
+    source: Path, base_dir: Path, adapter_dirs: list[Path], out: Path, *, outtype: str = "f32"
+) -> tuple[Path, list[Path]]:
+    """The base and every adapter as GGUF files of `outtype` (f32, bf16), by llama.cpp's own conversion scripts."""
     if importlib.util.find_spec("sentencepiece") is None:  # the converter's tokenizer probing imports it
         print("llama.cpp: installing sentencepiece for its converter", flush=True)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "sentencepiece"], check=True)
     out.mkdir(parents=True, exist_ok=True)
-    base = out / "base-f32.gguf"
-    _run(
-        [
-            sys.executable,
-            str(source / "convert_hf_to_gguf.py"),
-            str(base_dir),
-            "--outtype",
-            "f32",
-            "--outfile",
-            str(base),
-        ]
-    )
+    base = out / f"base-{outtype}.gguf"
+    converter = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(base_dir)]
+    _run([*converter, "--outtype", outtype, "--outfile", str(base)])
     loras = []
     for folder in adapter_dirs:
-        target = out / f"{folder.name}-f32.gguf"
+        target = out / f"{folder.name}-{outtype}.gguf"
         lora = [sys.executable, str(source / "convert_lora_to_gguf.py"), str(folder), "--base", str(base_dir)]
-        _run([*lora, "--outtype", "f32", "--outfile", str(target)])
+        _run([*lora, "--outtype", outtype, "--outfile", str(target)])
         loras.append(target)
     return base, loras
 
@@ -132,6 +125,12 @@ class LlamaServer:
                 pass
             time.sleep(0.5)
         raise TimeoutError("llama-server did not become healthy")
+
+    def __enter__(self) -> LlamaServer:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
 
     def close(self) -> None:
         self.process.terminate()

@@ -28,6 +28,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 
+from peers import PEERS, peer_tables  # noqa: E402 (bench/ is the script's folder)
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,11 +45,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeat", type=int, default=3, help="interleaved runs of mixed and single (best is kept)")
     parser.add_argument(
         "--peer",
-        choices=["llama.cpp", "vllm"],
-        default=None,
-        help="also run one-adapter and mixed over HTTP (the official openai client) against this peer and against "
-        "lorafleet serve, and print lorafleet/peer (llama.cpp is built into the cache on first use: minutes; "
-        "vllm: `make vllm`'s CPU build, base only too, float32 and bfloat16)",
+        action="append",
+        choices=["vllm", "llama.cpp", "all"],
+        default=[],
+        help="also run one adapter, four mixed and the base alone over HTTP (the official openai client), float32 "
+        "and bfloat16, against lorafleet serve and this peer (repeatable; all: both) and print lorafleet/peer "
+        "(vllm: `make vllm`'s CPU build; llama.cpp is built into the cache on first use: minutes)",
     )
     return parser.parse_args()
 
@@ -156,92 +159,6 @@ def http_tokens_per_s(url: str, prompts: list[str], requests: list[tuple[str, di
     return asyncio.run(main())
 
 
-def peer_table(args: argparse.Namespace, config, base_dir, adapter_dirs) -> None:
-    """lorafleet serve and llama.cpp's server, same weights (F32), same requests: one adapter, then 4 mixed."""
-    from llama_cpp_peer import LlamaServer, convert, llama_server
-
-    from lorafleet.serving.app import create_app
-    from lorafleet.serving.server import ServerThread
-
-    binary, source = llama_server()
-    base_gguf, lora_ggufs = convert(source, Path(base_dir), adapter_dirs, Path(tempfile.mkdtemp(prefix="gguf-")))
-    prompts = [f"Request {i}: describe item number {i} in a few words." for i in range(args.requests)]
-    one = [ADAPTERS[0]] * args.requests
-    mixed = [ADAPTERS[i % 4] for i in range(args.requests)]
-    scenarios = {"one adapter": one, "4 adapters mixed": mixed}
-    ours: dict[str, list[float]] = {name: [] for name in scenarios}
-    theirs: dict[str, list[float]] = {name: [] for name in scenarios}
-    with ServerThread(create_app(config)) as server:
-        http_tokens_per_s(server.url, prompts[:4], [(m, {}) for m in mixed[:4]], 4)  # warm-up
-        for _ in range(args.repeat):
-            for name, models in scenarios.items():
-                ours[name].append(http_tokens_per_s(server.url, prompts, [(m, {}) for m in models], args.tokens))
-    threads = args.threads or os.cpu_count() or 1
-    peer = LlamaServer(binary, base_gguf, lora_ggufs, slots=args.requests, threads=threads, context=512)
-    try:
-        lora = {name: {"lora": [{"id": index, "scale": 1.0}]} for index, name in enumerate(ADAPTERS)}
-        http_tokens_per_s(peer.url, prompts[:4], [("base", lora[m]) for m in mixed[:4]], 4)
-        for _ in range(args.repeat):
-            for name, models in scenarios.items():
-                requests = [("base", lora[m]) for m in models]
-                theirs[name].append(http_tokens_per_s(peer.url, prompts, requests, args.tokens))
-    finally:
-        peer.close()
-    print(f"\nover HTTP, {args.requests} requests at once x {args.tokens} tokens, F32 both, {threads} threads "
-          f"(llama.cpp: {binary.parent.parent.parent.parent.name}, {args.requests} slots)")  # fmt: skip
-    print(f"{'scenario':<18} {'lorafleet':>10} {'llama.cpp':>10} {'lorafleet/llama.cpp':>20}")
-    for name in scenarios:
-        a, b = max(ours[name]), max(theirs[name])
-        print(f"{name:<18} {a:>10.1f} {b:>10.1f} {a / b:>19.2f}x")
-    for side, runs in (("lorafleet", ours), ("llama.cpp", theirs)):
-        print(f"{side} mixed/one = {max(runs['4 adapters mixed']) / max(runs['one adapter']):.2f}x")
-
-
-def vllm_table(args: argparse.Namespace, config, adapter_dirs) -> None:
-    """lorafleet serve (CPU engine) and vLLM's CPU build, same weights and requests: one adapter, 4 mixed, the
-    base alone; in float32, then bfloat16 (each engine casts the same F32 checkpoint)."""
-    from vllm_peer import VllmServer
-
-    from lorafleet.serving.app import create_app
-    from lorafleet.serving.server import ServerThread
-
-    prompts = [f"Request {i}: describe item number {i} in a few words." for i in range(args.requests)]
-    scenarios = {
-        "one adapter": [ADAPTERS[0]] * args.requests,
-        "4 adapters mixed": [ADAPTERS[i % 4] for i in range(args.requests)],
-        "base only": ["base"] * args.requests,
-    }
-    threads = args.threads or os.cpu_count() or 1
-    adapters = dict(zip(ADAPTERS, adapter_dirs, strict=True))
-    rows = []
-    for dtype in ("float32", "bfloat16"):
-        server = ServerThread(create_app(config.model_copy(update={"dtype": dtype})))
-        ours = _best_runs(server, prompts, scenarios, args)
-        log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "vllm.log"
-        peer = VllmServer(args.model, adapters, dtype=dtype, threads=threads, log=log)
-        try:
-            theirs = _best_runs(contextlib.nullcontext(peer), prompts, scenarios, args)
-        finally:
-            peer.close()
-        rows += [(dtype, name, ours[name], theirs[name]) for name in scenarios]
-    shape = f"{args.requests} requests at once x {args.tokens} tokens, {threads} threads, best of {args.repeat}"
-    print(f"\nover HTTP, {shape}")
-    print(f"{'dtype':<9} {'scenario':<18} {'lorafleet':>10} {'vLLM CPU':>10} {'lorafleet/vLLM':>15}")
-    for dtype, name, a, b in rows:
-        print(f"{dtype:<9} {name:<18} {a:>10.1f} {b:>10.1f} {a / b:>14.2f}x")
-
-
-def _best_runs(server_context, prompts, scenarios, args) -> dict[str, float]:
-    with server_context as server:
-        warm = [(m, {}) for m in scenarios["4 adapters mixed"][:4]]
-        http_tokens_per_s(server.url, prompts[:4], warm, 4)
-        runs: dict[str, list[float]] = {name: [] for name in scenarios}
-        for _ in range(args.repeat):
-            for name, models in scenarios.items():
-                runs[name].append(http_tokens_per_s(server.url, prompts, [(m, {}) for m in models], args.tokens))
-    return {name: max(values) for name, values in runs.items()}
-
-
 def start_engine(args: argparse.Namespace):
     """(engine, base folder, adapter folders): the CPU engine serving four random LoRA adapters."""
     from lorafleet.models import resolve_model
@@ -313,10 +230,9 @@ def main() -> None:
         f"hot-load latency: idle median {statistics.median(idle_loads):.1f} ms (max {max(idle_loads):.1f}); "
         f"during decoding median {statistics.median(busy_loads):.1f} ms (max {max(busy_loads):.1f})"
     )
-    if args.peer == "llama.cpp":
-        peer_table(args, config, base_dir, adapter_dirs)
-    elif args.peer == "vllm":
-        vllm_table(args, config, adapter_dirs)
+    peers = [peer for peer in PEERS if peer in args.peer or "all" in args.peer]
+    if peers:
+        peer_tables(args, config, base_dir, dict(zip(ADAPTERS, adapter_dirs, strict=True)), peers, http_tokens_per_s)
 
 
 if __name__ == "__main__":

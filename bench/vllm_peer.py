@@ -53,6 +53,12 @@ class VllmServer:
                 raise RuntimeError(f"vLLM did not start in 600 s; its log: {log}")
             time.sleep(1)
 
+    def __enter__(self) -> VllmServer:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
     def close(self) -> None:
         try:
             os.killpg(self.process.pid, signal.SIGTERM)

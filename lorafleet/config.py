@@ -276,6 +276,20 @@ class EvalSection(Section):
     task: Literal["auto", "numeric", "classification", "text"] = Field(
         "auto", description="Which generation metrics: auto-detected from the reference answers unless set."
     )
+    decoding: Literal["auto", "greedy", "sampled"] = Field(
+        "auto",
+        description="How answers are read: greedy, or `sampled` (k answers per example, aggregated) scored beside "
+        "greedy. auto: sampled for numeric tasks (a number's distribution, not its most likely first digit), "
+        "greedy otherwise.",
+    )
+    samples: int = Field(16, ge=2, le=128, description="Sampled decoding: answers drawn per example (k).")
+    temperature: float = Field(1.0, gt=0, le=2, description="Sampled decoding: sampling temperature.")
+    seed: int = Field(0, ge=0, le=2**62, description="Sampled decoding: seed (the same seed, the same answers).")
+    aggregate: Literal["auto", "median", "geometric_mean", "mean", "majority"] = Field(
+        "auto",
+        description="Sampled decoding: how k answers become one. Numbers: median, geometric_mean (auto), mean; "
+        "labels: majority (auto; self-consistency).",
+    )
     baselines: list[BaselineName] = Field(
         default_factory=lambda: list(get_args(BaselineName)),
         description="Baselines fitted on the run's training rows and scored beside the models (those that apply "

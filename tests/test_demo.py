@@ -49,6 +49,11 @@ def test_demo_trains_evaluates_publishes_serves_and_answers(tmp_path: Path) -> N
     assert "served models:" in result.stdout and "price" in result.stdout and "support" in result.stdout
     assert result.stdout.count("→ fine-tuned: ") == 2 and result.stdout.count("→ base model: ") == 2, result.stdout
     assert f"{storage}/runs/demo-price/report/eval.md" in result.stdout
+    assert "→ fine-tuned, 16 samples (" in result.stdout and "geometric mean $" in result.stdout, result.stdout
+    # a quiet console: no library notices, no per-request access log
+    console = result.stdout + result.stderr
+    for noise in ("Failed to load CPU gemm_4bit_forward", "FutureWarning", '"POST /v1/'):
+        assert noise not in console, noise
 
     # A second demo reuses the trained runs instead of training again.
     again = run_cli("demo", "--configs", str(configs), "--storage", str(storage), "--eval-examples", "4", timeout=900)

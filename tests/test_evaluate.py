@@ -85,7 +85,9 @@ def cli_eval(trained_run: Path):
     result = run_cli("eval", str(trained_run), "--max-examples", "12", "--max-new-tokens", "10")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert "fine-tuned" in result.stdout and "MAE" in result.stdout, result.stdout
-    assert "generate base" in result.stderr, "no progress bar"
+    assert "generate finetuned (sampled)" in result.stderr, "no progress bar"
+    # the base's answers: generated, or (the same base, examples and decoding seen before) from the cache
+    assert "generate base (sampled)" in result.stderr or "base answers (sampled): from the cache" in result.stderr
     return result
 
 
@@ -181,7 +183,7 @@ def test_eval_report_has_every_section_and_plot(trained_run: Path, cli_report: d
     assert judged["metric"] == "mae" and judged["best_baseline"] in cli_report["baselines"]
     assert judged["beats"] == (cli_report["finetuned"]["mae"] < cli_report["baselines"][judged["best_baseline"]]["mae"])
     for piece in (
-        "| metric | base | fine-tuned | median | tfidf_ridge | change |",
+        "| metric | base sampled | fine-tuned sampled | base greedy | fine-tuned greedy | median | tfidf_ridge |",
         "Baselines, fitted on the run's training rows",
         "MAE",
         "within ±20%",
@@ -195,11 +197,30 @@ def test_eval_report_has_every_section_and_plot(trained_run: Path, cli_report: d
     assert all(set(row["baselines"]) == {"median", "tfidf_ridge"} for row in rows)
 
 
+def test_numbers_are_read_from_16_samples_beside_greedy_by_the_cpu_engine(trained_run: Path, cli_report: dict) -> None:
+    from lorafleet.training.evaluate_sampling import aggregate_answers
+
+    settings = cli_report["settings"]
+    assert (
+        settings["decoding"] == "sampled (k=16, T=1, geometric_mean, seed 0)"
+        and settings["answered_by"] == "CPU engine"
+    )
+    beside = cli_report["beside"]
+    assert beside["decoding"] == "greedy" and set(beside["finetuned"]) >= {"mae", "within_20pct", "unparseable"}
+    rows = [json.loads(line) for line in (trained_run / "report" / "eval_generations.jsonl").read_text().splitlines()]
+    for row in rows:
+        assert len(row["finetuned_samples"]) == 16 and len(row["base_samples"]) == 16
+        assert row["finetuned"] == aggregate_answers(row["finetuned_samples"], "geometric_mean")
+        assert isinstance(row["finetuned_greedy"], str) and isinstance(row["base_greedy"], str)
+    assert len({answer for row in rows for answer in row["finetuned_samples"]}) > 12  # they were sampled
+
+
 def test_a_fine_tune_that_learned_only_the_answer_format_does_not_beat_the_constant(cli_eval, cli_report) -> None:
     """The tiny random model after a few steps answers with prices (the format) but not the right ones."""
     tuned, constant = cli_report["finetuned"], cli_report["baselines"]["median"]
     assert tuned["unparseable"] < cli_report["n"] / 2, tuned  # it answers with numbers
-    assert cli_report["base"]["unparseable"] > tuned["unparseable"]  # which the base did not
+    greedy = cli_report["beside"]  # greedy, the base answers no number where the fine-tune does (16 samples of
+    assert greedy["base"]["unparseable"] > greedy["finetuned"]["unparseable"]  # random text hold a digit anyway)
     assert tuned["mae"] > constant["mae"], (tuned["mae"], constant["mae"])
     judged = cli_report["verdict"]
     assert judged["beats"] is False and judged["baseline"] <= constant["mae"]
@@ -259,7 +280,7 @@ def test_base_and_finetuned_differ_on_the_same_examples(trained_run: Path, cli_r
 
 @pytest.mark.parametrize(
     ("patched", "message"),
-    [("run_model", "not evaluated on the same examples"), ("response_loss", "passes covered different examples")],
+    [("run_model", "not evaluated on the same examples"), ("response_loss", "not evaluated on the same examples")],
 )
 def test_both_models_are_checked_to_see_the_same_examples(
     trained_run: Path, monkeypatch: pytest.MonkeyPatch, patched: str, message: str
@@ -387,3 +408,47 @@ def test_the_gate_can_require_beating_the_best_baseline() -> None:
     assert len(failures) == 1 and "does not beat the best baseline (tfidf_ridge: 32)" in failures[0], failures
     missing = PromotionPolicy(beat_baseline={"accuracy": 0.0}).evaluate(metrics)
     assert "baselines.*.accuracy" in missing[0]
+
+
+def test_a_task_with_two_outputs_gets_a_verdict_for_each() -> None:
+    """The support task: a category line, then a reply. A fine-tune below a classifier on the label but far above
+    every baseline on the reply is told so, per output; a label-only task has no reply verdict."""
+    from lorafleet.training.evaluate_baselines import output_verdict_line, output_verdicts
+
+    tuned = {"accuracy": 0.94, "bleu": 32.1, "rougeL": 0.48}
+    baselines = {"majority": {"accuracy": 0.4, "bleu": 0.0, "rougeL": 0.16},
+                 "tfidf_logreg": {"accuracy": 1.0, "bleu": 0.0, "rougeL": 0.16}}  # fmt: skip
+    references = ["Category: billing\nSorry for the double charge.", "Category: shipping\nIt ships today."]
+    category, reply = output_verdicts("classification", tuned, baselines, references)
+    assert (category["output"], category["beats"]) == ("category", False)
+    assert category["metrics"][0]["best_baseline"] == "tfidf_logreg"
+    assert (reply["output"], reply["beats"]) == ("reply", True)
+    assert [item["metric"] for item in reply["metrics"]] == ["bleu", "rougeL"]
+    assert output_verdict_line(reply).startswith("reply: beats every baseline (bleu 32.1 vs 0")
+    assert output_verdict_line(category).startswith("category: does NOT beat the best baseline (accuracy 0.94 vs 1")
+    labels_only = output_verdicts("classification", tuned, baselines, ["billing", "shipping"])
+    assert [found["output"] for found in labels_only] == ["category"]
+    (number,) = output_verdicts("numeric", {"mae": 90.0}, {"median": {"mae": 120.0}}, ["$1"])
+    assert number["beats"] and number["metrics"][0]["metric"] == "mae"
+
+
+def test_a_second_eval_reads_the_base_answers_from_the_cache_and_samples_the_same(
+    trained_run: Path, cli_report: dict, tmp_path: Path
+) -> None:
+    import shutil
+
+    copy = tmp_path / "tiny-eval-again"
+    shutil.copytree(trained_run, copy, ignore=shutil.ignore_patterns("report"))
+    again = run_cli("eval", str(copy), "--max-examples", "12", "--max-new-tokens", "10")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "base answers (sampled): from the cache" in again.stderr and "generate base" not in again.stderr
+    first, second = (
+        [json.loads(line) for line in (folder / "report" / "eval_generations.jsonl").read_text().splitlines()]
+        for folder in (trained_run, copy)
+    )
+    for key in ("base_samples", "finetuned_samples", "finetuned", "finetuned_greedy"):
+        assert [row[key] for row in first] == [row[key] for row in second], key  # seeded: the same answers
+    reseeded = run_cli("eval", str(copy), "--max-examples", "12", "--max-new-tokens", "10", "--seed", "5")
+    assert reseeded.returncode == 0, reseeded.stderr[-3000:]
+    third = [json.loads(line) for line in (copy / "report" / "eval_generations.jsonl").read_text().splitlines()]
+    assert [row["finetuned_samples"] for row in third] != [row["finetuned_samples"] for row in first]

@@ -24,28 +24,39 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from lorafleet.config import EvalSection, JobConfig
 from lorafleet.errors import ConfigError, Problem
+from lorafleet.models import resolve_model
 from lorafleet.runs import FinishedRun
 from lorafleet.training.data import label_count
-from lorafleet.training.evaluate_baselines import Baseline, fit_baselines, verdict
+from lorafleet.training.evaluate_baselines import Baseline, fit_baselines, output_verdicts, verdict
 from lorafleet.training.evaluate_data import EvalData, EvalExample, examples_digest, load_eval_data, training_pairs
+from lorafleet.training.evaluate_generation import (
+    AnswerSource,
+    PeftAnswers,
+    batches,
+    cached_base_answers,
+    model_identity,
+)
 from lorafleet.training.evaluate_metrics import detect_task, task_metrics
+from lorafleet.training.evaluate_sampling import Decoding, aggregate_answers, choose_decodings
 
 
 @dataclass(frozen=True)
 class ModelPass:
     loss: float
     perplexity: float
-    generations: list[str] | None
+    generations: list[str] | None  # the first decoding's answer per example (aggregated when sampled)
     examples_sha256: str  # of the examples this pass actually ran, in order
     seconds: float
+    answers: dict[str, list[str]] = field(default_factory=dict)  # decoding name -> one answer per example
+    samples: list[list[str]] | None = None  # a sampled decoding's k answers per example
 
 
 @dataclass(frozen=True)
@@ -54,8 +65,18 @@ class EvalOutcome:
     files: list[Path]
 
 
-def evaluate_run(run: FinishedRun, settings: EvalSection, *, device: str | None = None) -> EvalOutcome:
-    """Evaluate base and fine-tuned on the same examples; write the report into `<run>/report/`."""
+def evaluate_run(
+    run: FinishedRun,
+    settings: EvalSection,
+    *,
+    device: str | None = None,
+    engine_answers: Callable[[EvalPlan], AnswerSource | None] | None = None,
+) -> EvalOutcome:
+    """Evaluate base and fine-tuned on the same examples; write the report into `<run>/report/`.
+
+    `engine_answers(plan)`: an answer source for this eval (the CLI's CPU engine), or None where it cannot serve
+    it; without one, transformers' `generate` answers.
+    """
     import torch
     from peft import PeftModel
 
@@ -67,30 +88,48 @@ def evaluate_run(run: FinishedRun, settings: EvalSection, *, device: str | None 
     tokenizer = load_tokenizer(job.model)
     data = load_eval_data(job, settings, tokenizer)
     task, task_source = choose_task(settings.task, data)
+    decodings = choose_decodings(settings, task)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base, precision = load_eval_base(job, target)
+    plan = EvalPlan(run, settings, target, str(base.dtype).removeprefix("torch."), data.examples)
+    source = PeftAnswers({"base": base}, tokenizer, settings.batch_size, stop_token_ids(tokenizer, base))
+    engine = engine_answers(plan) if engine_answers is not None and decodings else None
     print(
         f"eval {run.run_id}: {len(data.examples)} examples of {data.source} ({data.split}), task {task or 'none'} "
-        f"({task_source}), device {target}",
+        f"({task_source}), device {target}, answers by {'the CPU engine' if engine else 'transformers generate'}, "
+        f"{' and '.join(d.name for d in decodings) or 'no generation'}",
         file=sys.stderr,
         flush=True,
     )
-
-    base, precision = load_eval_base(job, target)
-    eos_ids = stop_token_ids(tokenizer, base)
-    generate = task is not None
-    base_pass = run_model(base, tokenizer, data, settings, eos_ids, generate=generate, label="base")
+    identity = model_identity(resolve_model(job.model.name_or_path), job.model.revision, plan.dtype)
+    base_pass = run_model(base, tokenizer, data, settings, decodings, engine or source, "base", identity)
     tuned = PeftModel.from_pretrained(base, str(run.adapter_dir))
     tuned.eval()
-    tuned_pass = run_model(tuned, tokenizer, data, settings, eos_ids, generate=generate, label="fine-tuned")
+    source.models["finetuned"] = tuned
+    tuned_pass = run_model(tuned, tokenizer, data, settings, decodings, engine or source, "finetuned", None)
     if not base_pass.examples_sha256 == tuned_pass.examples_sha256 == data.digest():
         raise RuntimeError("base and fine-tuned were not evaluated on the same examples")
 
     baselines = fit_baselines(task, settings.baselines, training_pairs(job), [e.baseline_input for e in data.examples])
     report = build_report(run, settings, data, (task, task_source), (base_pass, tuned_pass), (target, precision))
+    report["settings"]["decoding"] = decodings[0].name if decodings else "none"
+    report["settings"]["answered_by"] = "CPU engine" if engine else "transformers generate"
+    add_beside(report, decodings, (base_pass, tuned_pass), task, data.references)
     add_baselines(report, task, baselines, data.references)
     report["seconds"]["total"] = round(time.monotonic() - started, 1)
     files = write_report(run.report_dir, report, generation_rows(data, base_pass, tuned_pass, baselines))
     return EvalOutcome(report=report, files=files)
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """What an answer source needs to know about an eval: the run, its settings, where and in which dtype."""
+
+    run: FinishedRun
+    settings: EvalSection
+    device: Any
+    dtype: str
+    examples: list[EvalExample]
 
 
 def build_report(
@@ -133,7 +172,6 @@ def build_report(
             "max_new_tokens": settings.max_new_tokens,
             "batch_size": settings.batch_size,
             "max_seq_len": job.data.max_seq_len,
-            "decoding": "greedy",
             "device": str(target),
             "precision": precision,
         },
@@ -153,11 +191,12 @@ def add_baselines(
 ) -> None:
     """Each baseline's task metrics on the same examples, how it was fitted, and the verdict against the best."""
     if task is None or references is None or not baselines:
-        report["baselines"], report["baseline_methods"], report["verdict"] = {}, {}, None
+        report["baselines"], report["baseline_methods"], report["verdict"], report["verdicts"] = {}, {}, None, []
         return
     report["baselines"] = {b.name: task_metrics(task, b.predictions, references) for b in baselines}
     report["baseline_methods"] = {b.name: b.how for b in baselines}
     report["verdict"] = verdict(task, report["finetuned"], report["baselines"])
+    report["verdicts"] = output_verdicts(task, report["finetuned"], report["baselines"], references)
 
 
 def resolve_settings(job: JobConfig, **overrides: Any) -> EvalSection:
@@ -222,23 +261,43 @@ def stop_token_ids(tokenizer: Any, model: Any) -> list[int]:
 
 
 def run_model(
-    model: Any, tokenizer: Any, data: EvalData, settings: EvalSection, eos_ids: list[int], *, generate: bool, label: str
+    model: Any,
+    tokenizer: Any,
+    data: EvalData,
+    settings: EvalSection,
+    decodings: list[Decoding],
+    source: AnswerSource,
+    which: str,
+    base_identity: dict[str, Any] | None,
 ) -> ModelPass:
+    """Loss on every example, then each decoding's answers (the base's from the cache when it has them)."""
     started = time.monotonic()
-    loss, scored = response_loss(model, data.examples, settings.batch_size, tokenizer.pad_token_id, label)
-    generations = None
-    if generate:
-        generations, answered = generate_answers(
-            model, tokenizer, data.examples, settings.batch_size, settings.max_new_tokens, eos_ids, label
-        )
-        if answered != scored:
-            raise RuntimeError(f"{label}: the loss and generation passes covered different examples")
+    loss, scored = response_loss(model, data.examples, settings.batch_size, tokenizer.pad_token_id, which)
+    prompts = [example.prompt_ids for example in data.examples]
+    answers: dict[str, list[str]] = {}
+    samples = None
+    for decoding in decodings:
+        if base_identity is not None:
+            drawn, cached = cached_base_answers(
+                base_identity, prompts, decoding, lambda d=decoding: source.answer(which, prompts, d)
+            )
+            if cached:
+                print(f"base answers ({decoding.mode}): from the cache", file=sys.stderr, flush=True)
+        else:
+            drawn = source.answer(which, prompts, decoding)
+        if decoding.mode == "sampled":
+            samples = drawn
+            answers[decoding.name] = [aggregate_answers(row, decoding.aggregate) for row in drawn]
+        else:
+            answers[decoding.name] = [row[0] for row in drawn]
     return ModelPass(
         loss=loss,
         perplexity=math.exp(loss) if loss < 700 else math.inf,
-        generations=generations,
+        generations=answers[decodings[0].name] if decodings else None,
         examples_sha256=examples_digest([data.examples[position] for position in scored]),
         seconds=round(time.monotonic() - started, 1),
+        answers=answers,
+        samples=samples,
     )
 
 
@@ -273,41 +332,6 @@ def response_loss(
     return total / tokens, sorted(scored)
 
 
-def generate_answers(
-    model: Any,
-    tokenizer: Any,
-    examples: list[EvalExample],
-    batch_size: int,
-    max_new_tokens: int,
-    eos_ids: list[int],
-    label: str,
-) -> tuple[list[str], list[int]]:
-    """Greedy answers, batched by prompt length with left padding, in the examples' order (and the positions
-    of the examples answered, sorted)."""
-    import torch
-    from tqdm import tqdm
-    from transformers import GenerationConfig
-
-    pad = tokenizer.pad_token_id
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, pad_token_id=pad, eos_token_id=eos_ids
-    )
-    device = next(model.parameters()).device
-    answers: dict[int, str] = {}
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
-    with torch.no_grad(), tqdm(total=len(examples), desc=f"generate {label}", unit="ex", file=sys.stderr) as bar:
-        for chunk in batches(order, batch_size):
-            prompts = [examples[i].prompt_ids for i in chunk]
-            width = max(len(p) for p in prompts)
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            output = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
-            for i, row in zip(chunk, output[:, width:], strict=True):
-                answers[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
-            bar.update(len(chunk))
-    return [answers[i] for i in range(len(examples))], sorted(answers)
-
-
 def pass_metrics(result: ModelPass, task: str | None, references: list[str] | None) -> dict[str, Any]:
     metrics: dict[str, Any] = {"loss": result.loss, "perplexity": result.perplexity}
     if task is not None and result.generations is not None and references is not None:
@@ -318,20 +342,32 @@ def pass_metrics(result: ModelPass, task: str | None, references: list[str] | No
 def generation_rows(
     data: EvalData, base: ModelPass, tuned: ModelPass, baselines: list[Baseline] = ()
 ) -> list[dict[str, Any]]:
-    return [
-        {
+    """One row per example: base and fine-tuned answers (first decoding), greedy ones beside a sampled first
+    decoding, the k samples, and each baseline's answer."""
+    rows = []
+    for i, example in enumerate(data.examples):
+        row = {
             "index": example.index,
             "location": example.location,
             "input": example.shown_input,
             "reference": example.reference,
             "base": base.generations[i] if base.generations else None,
             "finetuned": tuned.generations[i] if tuned.generations else None,
-            "baselines": {baseline.name: baseline.predictions[i] for baseline in baselines},
         }
-        for i, example in enumerate(data.examples)
-    ]
+        if tuned.samples is not None and "greedy" in tuned.answers:
+            row |= {"base_greedy": base.answers["greedy"][i], "finetuned_greedy": tuned.answers["greedy"][i]}
+            row |= {"base_samples": base.samples[i], "finetuned_samples": tuned.samples[i]}
+        rows.append(row | {"baselines": {baseline.name: baseline.predictions[i] for baseline in baselines}})
+    return rows
 
 
-def batches(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def add_beside(
+    report: dict[str, Any], decodings: list[Decoding], passes: tuple[ModelPass, ModelPass], task, references
+) -> None:
+    """report["beside"]: the greedy answers' metrics next to a sampled first decoding (None otherwise)."""
+    report["beside"] = None
+    if len(decodings) < 2 or task is None or references is None:
+        return
+    name = decodings[1].name
+    base, tuned = (task_metrics(task, p.answers[name], references) for p in passes)
+    report["beside"] = {"decoding": name, "base": base, "finetuned": tuned}

@@ -156,6 +156,53 @@ def verdict(task: str, finetuned: dict[str, Any], baselines: dict[str, dict[str,
             "ratio": ratio, "ratios": ratios, "lower_is_better": lower}  # fmt: skip
 
 
+# What each output of a task is judged on: (output, its primary metrics). A classification task whose answers go
+# on after the label line ("Category: billing\nSorry...") has a reply as well, judged as text.
+OUTPUTS = {
+    "numeric": [("number", ("mae",))],
+    "classification": [("category", ("accuracy",)), ("reply", ("bleu", "rougeL"))],
+    "text": [("text", ("bleu", "rougeL"))],
+}
+
+
+def output_verdicts(
+    task: str, finetuned: dict[str, Any], baselines: dict[str, dict[str, Any]], references: Sequence[str]
+) -> list[dict[str, Any]]:
+    """One verdict per output of the task: on each primary metric, the fine-tune against the best baseline."""
+    from lorafleet.training.evaluate_metrics import LOWER_IS_BETTER
+
+    outputs = OUTPUTS.get(task, [])
+    if task == "classification" and not any(reference.strip().count("\n") for reference in references):
+        outputs = outputs[:1]  # label-only answers: no reply to judge
+    found = []
+    for output, metrics in outputs:
+        judged = []
+        for metric in metrics:
+            scored = {name: values.get(metric) for name, values in baselines.items()}
+            scored = {name: value for name, value in scored.items() if isinstance(value, int | float)}
+            tuned = finetuned.get(metric)
+            if not scored or not isinstance(tuned, int | float):
+                continue
+            lower = metric in LOWER_IS_BETTER
+            best = (min if lower else max)(scored, key=scored.__getitem__)
+            beats = tuned < scored[best] if lower else tuned > scored[best]
+            judged.append({"metric": metric, "finetuned": tuned, "best_baseline": best, "baseline": scored[best],
+                           "beats": beats})  # fmt: skip
+        if judged:
+            found.append({"output": output, "beats": all(item["beats"] for item in judged), "metrics": judged})
+    return found
+
+
+def output_verdict_line(found: dict[str, Any]) -> str:
+    """e.g. `reply: beats every baseline (bleu 32.1 vs 0; rougeL 0.48 vs 0.16)`."""
+    values = "; ".join(
+        f"{item['metric']} {item['finetuned']:.4g} vs {item['baseline']:.4g} {item['best_baseline']}"
+        for item in found["metrics"]
+    )
+    outcome = "beats every baseline" if found["beats"] else "does NOT beat the best baseline"
+    return f"{found['output']}: {outcome} ({values})"
+
+
 def verdict_line(found: dict[str, Any] | None) -> str:
     if found is None:
         return "baselines: none scored (eval.baselines, or no task metrics)"

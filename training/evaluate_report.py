@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.storage import write_bytes_atomic, write_text_atomic
-from lorafleet.training.evaluate_baselines import verdict_line
+from lorafleet.training.evaluate_baselines import output_verdict_line, verdict_line
 from lorafleet.training.evaluate_metrics import (
     WITHIN_SHARE,
     is_improvement,
@@ -76,6 +76,22 @@ def compared_metrics(report: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     return [(key, base.get(key), tuned.get(key)) for key in tuned]
 
 
+def beside_columns(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(column title, metrics) of the greedy answers shown beside a sampled first decoding; [] without one."""
+    beside = report.get("beside")
+    if not beside:
+        return []
+    return [(f"base {beside['decoding']}", beside["base"]), (f"fine-tuned {beside['decoding']}", beside["finetuned"])]
+
+
+def model_titles(report: dict[str, Any]) -> tuple[str, str]:
+    """The base and fine-tuned column titles, named with how they decoded when two decodings are shown."""
+    if not report.get("beside"):
+        return "base", "fine-tuned"
+    mode = report["settings"]["decoding"].split(" ", 1)[0]
+    return f"base {mode}", f"fine-tuned {mode}"
+
+
 def format_value(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -95,46 +111,57 @@ def change(key: str, base: Any, tuned: Any) -> str:
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """The before/after table `lorafleet eval` prints, baselines beside, and the verdict against them."""
     data, baselines = report["data"], report.get("baselines") or {}
+    extra = beside_columns(report) + [(name, metrics) for name, metrics in baselines.items()]
+    width = max([14, *(len(title) + 2 for title, _ in extra)])
+    base_title, tuned_title = model_titles(report)
     lines = [
         f"{report['run_id']}: {report['n']} examples of {data['source']} ({data['split']}), task {report['task']} "
-        f"({report['task_source']})",
-        f"{'metric':<24}{'base':>12}{'fine-tuned':>12}" + "".join(f"{name:>14}" for name in baselines) + "  change",
+        f"({report['task_source']}), decoding {report['settings'].get('decoding', 'greedy')}",
+        f"{'metric':<24}{base_title:>{width}}{tuned_title:>{width}}"
+        + "".join(f"{title:>{width}}" for title, _ in extra)
+        + "  change",
     ]
     for key, base, tuned in compared_metrics(report):
-        others = "".join(f"{format_value(baselines[name].get(key)):>14}" for name in baselines)
+        others = "".join(f"{format_value(metrics.get(key)):>{width}}" for _, metrics in extra)
         lines.append(
-            f"{LABELS.get(key, key):<24}{format_value(base):>12}{format_value(tuned):>12}{others}  "
+            f"{LABELS.get(key, key):<24}{format_value(base):>{width}}{format_value(tuned):>{width}}{others}  "
             f"{change(key, base, tuned)}"
         )
     seconds = report["seconds"]
     lines.append(f"time: base {seconds['base']}s, fine-tuned {seconds['finetuned']}s, total {seconds['total']}s")
     if "verdict" in report:
         lines.append(verdict_line(report["verdict"]))
+    lines += [output_verdict_line(found) for found in report.get("verdicts") or []]
     return lines
 
 
 def markdown(report: dict[str, Any], rows: list[dict[str, Any]], plots: list[str]) -> str:
     data, settings, baselines = report["data"], report["settings"], report.get("baselines") or {}
+    extra = beside_columns(report) + [(name, metrics) for name, metrics in baselines.items()]
+    base_title, tuned_title = model_titles(report)
     lines = [
         f"# Evaluation of {report['run_id']}",
         "",
         f"Base `{settings['base_model']}` vs the fine-tuned {settings['method']} adapter on the same "
         f"{report['n']} examples of `{data['source']}` (split {data['split']}; {data['truncated']} truncated to "
         f"{settings['max_seq_len']} tokens, {data['dropped']} dropped). Task **{report['task']}** "
-        f"({report['task_source']}). Greedy decoding, at most {settings['max_new_tokens']} new tokens, batches of "
-        f"{settings['batch_size']}, {settings['device']} {settings['precision']}.",
+        f"({report['task_source']}). Decoding: {settings.get('decoding', 'greedy')}, at most "
+        f"{settings['max_new_tokens']} new tokens, answered by {settings.get('answered_by', 'transformers generate')}, "
+        f"{settings['device']} {settings['precision']}.",
         "",
-        "| metric | base | fine-tuned | " + "".join(f"{name} | " for name in baselines) + "change |",
-        "| --- | ---: | ---: | " + "---: | " * len(baselines) + "--- |",
+        f"| metric | {base_title} | {tuned_title} | " + "".join(f"{title} | " for title, _ in extra) + "change |",
+        "| --- | ---: | ---: | " + "---: | " * len(extra) + "--- |",
     ]
     for key, base, tuned in compared_metrics(report):
-        others = "".join(f"{format_value(baselines[name].get(key))} | " for name in baselines)
+        others = "".join(f"{format_value(metrics.get(key))} | " for _, metrics in extra)
         lines.append(
             f"| {LABELS.get(key, key)} | {format_value(base)} | {format_value(tuned)} | {others}"
             f"{change(key, base, tuned)} |"
         )
     if baselines:
         lines += ["", f"**{verdict_line(report.get('verdict'))}.**", ""]
+        lines += [f"- {output_verdict_line(found)}" for found in report.get("verdicts") or []]
+        lines += [""] if report.get("verdicts") else []
         lines.append("Baselines, fitted on the run's training rows and scored on the same examples:")
         lines += [f"- `{name}`: {how}" for name, how in report.get("baseline_methods", {}).items()]
     if report["task"] == "numeric":
@@ -207,14 +234,22 @@ def price_scatter(rows: list[dict[str, Any]], report: dict[str, Any]) -> bytes:
     """Predicted vs true, log-log, for base, fine-tuned and each baseline; the ±20% band; unparseable counted."""
     plt = _pyplot()
     names = list(report.get("baselines") or {})
-    figure, axes = plt.subplots(1, 2 + len(names), figsize=(5 * (2 + len(names)), 4.6), sharex=True, sharey=True)
+    beside = report.get("beside")
+    count = 2 + bool(beside) + len(names)
+    figure, axes = plt.subplots(1, count, figsize=(5 * count, 4.6), sharex=True, sharey=True)
     truths = [parse_reference_number(row["reference"]) for row in rows]
     positive = [t for t in truths if t and t > 0]
     low, high = (min(positive), max(positive)) if positive else (1.0, 10.0)
-    panels = [(axes[0], "base", "base", "#9aa5b1"), (axes[1], "finetuned", "fine-tuned", "#2f6fdf")]
-    panels += [(axis, name, f"baseline {name}", "#d08c2f") for axis, name in zip(axes[2:], names, strict=True)]
-    for axis, key, title, color in panels:
-        answers = [(row.get("baselines") or {}).get(key) if key in names else row[key] for row in rows]
+    base_title, tuned_title = model_titles(report)
+    sources = [
+        ("base", base_title, "#9aa5b1", report["base"]),
+        ("finetuned", tuned_title, "#2f6fdf", report["finetuned"]),
+    ]
+    if beside:
+        sources.append(("finetuned_greedy", f"fine-tuned {beside['decoding']}", "#7a3fbf", beside["finetuned"]))
+    sources += [(name, f"baseline {name}", "#d08c2f", report["baselines"][name]) for name in names]
+    for axis, (key, title, color, metrics) in zip(axes, sources, strict=True):
+        answers = [(row.get("baselines") or {}).get(key) if key in names else row.get(key) for row in rows]
         guesses = [parse_answer_number(answer or "") for answer in answers]
         points = [(t, g) for t, g in zip(truths, guesses, strict=True) if t and g and t > 0 and g > 0]
         missing = sum(1 for g in guesses if g is None)
@@ -223,7 +258,6 @@ def price_scatter(rows: list[dict[str, Any]], report: dict[str, Any]) -> bytes:
             axis.scatter(*zip(*points, strict=True), s=14, alpha=0.7, color=color)
             low = min(low, *(g for _, g in points))
             high = max(high, *(g for _, g in points))
-        metrics = report["baselines"][key] if key in names else report[key]
         note = f"{missing} unparseable" + (f", {not_positive} ≤ 0 not shown" if not_positive else "")
         mae = metrics.get("mae")
         within = metrics.get("within_20pct")

@@ -65,6 +65,7 @@ def main() -> None:
     Typer's standalone mode already turns usage errors into exit 2 and `typer.Exit(n)` into exit n;
     our own errors carry their exit code.
     """
+    quiet_libraries()
     try:
         app()
     except LorafleetError as exc:
@@ -73,3 +74,14 @@ def main() -> None:
     except OSError as exc:  # storage read-only, a full disk, no permission: the OS's words, not a traceback
         typer.echo(f"error: {describe_os_error(exc)}", err=True)
         sys.exit(1)
+
+
+def quiet_libraries() -> None:
+    """Keep the console to lorafleet's own lines: the libraries' deprecation notices (FutureWarning) and
+    bitsandbytes' note that an optional CPU kernel package is absent (logged at import, by every command) are
+    not the user's concern. Errors still show."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate|torch)(\.|$)")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

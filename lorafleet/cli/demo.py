@@ -33,12 +33,14 @@ DEMO_JOBS = (("price", "demo.yaml"), ("support", "demo-support.yaml"))
 class Question(NamedTuple):
     chat: str  # asked through chat completions, for adapters trained on alpaca or chat rows
     completion: str | None = None  # asked through completions, for adapters trained on completion rows
+    numeric: bool = False  # also asked for n samples, aggregated as eval aggregates them
 
 
 QUESTIONS = {
     "price": Question(
         chat=f"{price.INSTRUCTION}\n\n{PRICE_QUESTION}",
         completion=f"{PRICE_QUESTION}\n{price.COMPLETION_CUE}",
+        numeric=True,
     ),
     "support": Question(
         "Classify this support ticket and write a one-sentence reply.\n\n"
@@ -93,7 +95,7 @@ def _step(*command: str) -> None:
 
 def _start_server(storage: str, adapters: str, port: int) -> subprocess.Popen:
     command = ["lorafleet", "serve", "--engine", "cpu", "--storage", storage, "--adapters", adapters]
-    command += ["--host", "127.0.0.1", "--port", str(port)]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     typer.secho(f"\n$ {shlex.join(command)} &", bold=True)
     server = subprocess.Popen([sys.executable, "-m", "lorafleet", *command[1:]], env=os.environ.copy())
     import httpx
@@ -136,3 +138,22 @@ def _ask_each_adapter(port: int, formats: dict[str, str]) -> None:
                 answer = reply.choices[0].message.content
             label = "fine-tuned" if model == adapter else "base model"
             typer.echo(f"→ {label}: {answer.strip()}")
+            if question.numeric and model == adapter and as_completion:
+                _ask_for_samples(client, model, prompt)
+
+
+SAMPLES = 16
+
+
+def _ask_for_samples(client, model: str, prompt: str) -> None:
+    """n sampled answers in one request (one prefill), read as one number the way eval reads them."""
+    from lorafleet.training.evaluate_sampling import aggregate_answers
+
+    reply = client.completions.create(
+        model=model, prompt=prompt, max_tokens=12, temperature=1.0, seed=0, n=SAMPLES, stop=["\n"]
+    )
+    answers = [choice.text.strip() for choice in reply.choices]
+    estimate = aggregate_answers(answers, "geometric_mean") or "no number"
+    shown = ", ".join(answers[:6])
+    typer.echo(f"→ fine-tuned, {SAMPLES} samples ({shown}, ...): geometric mean ${estimate}")
+

@@ -26,17 +26,40 @@ def evaluate(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Generation budget per answer."),
     task: str = typer.Option(None, "--task", help="auto | numeric | classification | text (default: auto-detect)."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)."),
+    decoding: str = typer.Option(
+        None, "--decoding", help="auto | greedy | sampled (k answers per example, aggregated; shown beside greedy)."
+    ),
+    samples: int = typer.Option(None, "--samples", min=2, help="Sampled decoding: answers per example (k)."),
+    temperature: float = typer.Option(None, "--temperature", help="Sampled decoding: temperature."),
+    seed: int = typer.Option(None, "--seed", min=0, help="Sampled decoding: seed."),
+    aggregate: str = typer.Option(
+        None, "--aggregate", help="Sampled decoding: median | geometric_mean | mean (numbers), majority (labels)."
+    ),
 ) -> None:
     """Compare the base model and the fine-tuned adapter: loss, perplexity, task metrics, plots."""
+    from lorafleet.cli.eval_answers import EngineAnswersForEval
     from lorafleet.runs import open_run
     from lorafleet.training.evaluate import evaluate_run, resolve_settings
     from lorafleet.training.evaluate_report import summary_lines
 
     folder = open_run(run, storage)
     settings = resolve_settings(
-        folder.job, split=split, max_examples=max_examples, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, task=task,
+        folder.job,
+        split=split,
+        max_examples=max_examples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        task=task,
+        decoding=decoding,
+        samples=samples,
+        temperature=temperature,
+        seed=seed,
+        aggregate=aggregate,
     )
-    outcome = evaluate_run(folder, settings, device=device)
+    engine_answers = EngineAnswersForEval()
+    try:
+        outcome = evaluate_run(folder, settings, device=device, engine_answers=engine_answers)
+    finally:
+        engine_answers.close()
     typer.echo("\n".join(summary_lines(outcome.report)))
     typer.echo(f"report {folder.report_dir / 'eval.md'}")

@@ -82,6 +82,8 @@ def serve(
     max_cpu_loras: int = typer.Option(None, "--max-cpu-loras", help="Adapters held in CPU memory (>= max-loras)."),
     max_model_len: int = typer.Option(None, "--max-model-len", help="Context length (default: the model's)."),
     dtype: str = typer.Option(None, "--dtype", help="Weights' dtype: auto, float32, bfloat16 or float16."),
+    max_n: int = typer.Option(None, "--max-n", help="Most choices (n) one request may ask (CPU engine)."),
+    log_level: str = typer.Option(None, "--log-level", help="error, warning (no per-request lines), info (default)."),
     print_command: bool = typer.Option(False, "--print-command", help="vllm engine: print the command and exit."),
     vllm_python: str = typer.Option(
         None, "--vllm-python", help="vllm engine: the Python of a vLLM install (default: see docs/serving.md)."
@@ -104,20 +106,26 @@ def serve(
         "max_model_len": max_model_len,
         "vllm_python": vllm_python,
         "dtype": dtype,
+        "max_n": max_n,
+        "log_level": log_level,
     }
     settings = serving_settings(config, overrides)
     if settings.engine == "vllm":
-        from lorafleet.serving.vllm import check_adapters_for_vllm, exec_vllm, render_vllm_command
-
-        if print_command:
-            typer.echo(shlex.join(render_vllm_command(settings)))
-            return
-        check_adapters_for_vllm(settings)
-        exec_vllm(settings)
+        _serve_vllm(settings, print_command)
         return
     if print_command:
         raise ConfigError("command line", [Problem("--print-command", "only meaningful with --engine vllm")])
     _serve_cpu(settings)
+
+
+def _serve_vllm(settings, print_command: bool) -> None:
+    from lorafleet.serving.vllm import check_adapters_for_vllm, exec_vllm, render_vllm_command
+
+    if print_command:
+        typer.echo(shlex.join(render_vllm_command(settings)))
+        return
+    check_adapters_for_vllm(settings)
+    exec_vllm(settings)
 
 
 def _serve_cpu(settings) -> None:

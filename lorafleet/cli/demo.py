@@ -95,7 +95,7 @@ def _step(*command: str) -> None:
 
 def _start_server(storage: str, adapters: str, port: int) -> subprocess.Popen:
     command = ["lorafleet", "serve", "--engine", "cpu", "--storage", storage, "--adapters", adapters]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--max-batch-size", str(SAMPLES)]
     typer.secho(f"\n$ {shlex.join(command)} &", bold=True)
     server = subprocess.Popen([sys.executable, "-m", "lorafleet", *command[1:]], env=os.environ.copy())
     import httpx

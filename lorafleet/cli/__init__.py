@@ -77,11 +77,14 @@ def main() -> None:
 
 
 def quiet_libraries() -> None:
-    """Keep the console to lorafleet's own lines: the libraries' deprecation notices (FutureWarning) and
-    bitsandbytes' note that an optional CPU kernel package is absent (logged at import, by every command) are
-    not the user's concern. Errors still show."""
+    """Keep the console to lorafleet's own lines: the libraries' deprecation notices (FutureWarning),
+    bitsandbytes' note that an optional CPU kernel package is absent (logged at import, by every command) and
+    transformers' per-load "Loading weights" bars are not the user's concern. Errors still show."""
     import logging
+    import os
     import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read by huggingface_hub, and so transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate|torch)(\.|$)")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

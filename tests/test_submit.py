@@ -31,6 +31,7 @@ from lorafleet.jobs import KubeRayJobs, RayJobs, read_runtime_env, stage_job
 from lorafleet.kuberay import render_rayjob
 from lorafleet.serving.server import free_port
 from tests.helpers import CONFIGS, run_cli
+from tests.ray_nodes import RAY_WORKER_PORTS, stop_ray_processes
 
 TINY = CONFIGS / "tiny.yaml"
 RAY_DEFAULT_EXTRAS = "aiohttp_cors, colorful, opencensus, opentelemetry-*, py-spy, smart_open, virtualenv"
@@ -282,50 +283,6 @@ def test_submit_k8s_api_errors_become_clear_messages(fake_kube, tmp_path, code, 
 
 # ---- a real Ray cluster -----------------------------------------------------------------------------
 
-RAY_WORKER_PORTS = range(10000, 20001)  # around Ray's default worker port range (10002-19999)
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """Stop only this cluster's processes: those naming its temp dir or GCS address, and their children."""
-    import psutil
-
-    marker = Path(temp_dir) / "ray_current_cluster"
-    needles = [temp_dir] + ([marker.read_text().strip()] if marker.is_file() else [])
-    roots = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(needle in arg for arg in process.info["cmdline"] or [] for needle in needles):
-                roots.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    processes = set()
-    for root in roots:
-        try:
-            processes |= {root, *root.children(recursive=True)}
-        except psutil.NoSuchProcess:
-            continue
-    for process in processes:
-        try:
-            process.terminate()
-        except psutil.NoSuchProcess:
-            pass
-
-    def running(process) -> bool:  # zombies are done: their parent (often init) reaps them later
-        try:
-            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    deadline = time.monotonic() + 5
-    while (alive := [p for p in processes if running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-
-
 @dataclass(frozen=True)
 class RayCluster:
     address: str
@@ -375,7 +332,7 @@ def ray_cluster():
                 time.sleep(0.5)
         yield RayCluster(address, auth)
     finally:
-        _stop_cluster(temp_dir)
+        stop_ray_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -322,7 +322,10 @@ def build_torch_trainer(
         },
         torch_config=TorchConfig(backend="nccl" if distributed.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=distributed.num_workers, use_gpu=distributed.use_gpu, resources_per_worker=resources
+            num_workers=distributed.num_workers,
+            use_gpu=distributed.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=distributed.placement_strategy,
         ),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,

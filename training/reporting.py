@@ -45,9 +45,10 @@ class MetricsLog:
 class ProgressReporter(TrainerCallback):
     """Rank 0: one metrics record and one console line per log event (step, loss, lr, tokens/s, ETA)."""
 
-    def __init__(self, metrics: MetricsLog, run_id: str):
+    def __init__(self, metrics: MetricsLog, run_id: str, workers: list[dict] | None = None):
         self.metrics = metrics
         self.run_id = run_id
+        self.workers = workers  # where each rank runs (rank, node_ip, node_id, hostname), recorded at every begin
         self._last_time = time.monotonic()
         self._last_tokens = 0
         self._start_time = self._last_time
@@ -63,6 +64,7 @@ class ProgressReporter(TrainerCallback):
                     "max_steps": state.max_steps,
                     "resumed": state.global_step > 0,
                     "time": time.time(),
+                    **({"workers": self.workers} if self.workers else {}),
                 }
             )
 

@@ -23,7 +23,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from lorafleet.config import DeepSpeedSection, FsdpSection, JobConfig
+from lorafleet.config import JobConfig
+from lorafleet.distributed_config import DeepSpeedSection, FsdpSection
 from lorafleet.errors import LorafleetError
 
 

@@ -33,14 +33,17 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
 
     job = JobConfig.model_validate(yaml.safe_load(payload["config"]))
     run_id = payload["run_id"]
+    rank = ray.train.get_context().get_world_rank()
+    workers = worker_placement(run_id, rank)
     trainer, data = build_hf_trainer(
         job,
         run_id=run_id,
         run_dir=payload["run_dir"],
         device=ray.train.torch.get_device(),
-        rank=ray.train.get_context().get_world_rank(),
+        rank=rank,
         deepspeed=payload.get("deepspeed"),
         callbacks=[RayCheckpointReporter()],
+        workers=workers,
     )
 
     checkpoint = ray.train.get_checkpoint()
@@ -64,6 +67,7 @@ def build_hf_trainer(
     deepspeed: dict[str, Any] | None = None,
     callbacks: list | tuple = (),
     output_dir: str | None = None,
+    workers: list[dict] | None = None,
 ):
     """(trainer, data): an HF Trainer ready to `.train()` on this process's share of the job."""
     from transformers import PrinterCallback, set_seed
@@ -103,7 +107,7 @@ def build_hf_trainer(
         eval_dataset=data.eval,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[*callbacks, *run_callbacks(job, run_id, run_dir, rank)],
+        callbacks=[*callbacks, *run_callbacks(job, run_id, run_dir, rank, workers)],
         labelled_logits=labelled_logits,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressReporter prints one line per log event instead
@@ -123,7 +127,7 @@ def check_on_worker(job: JobConfig, device) -> None:
     join_deepspeed_to_process_group(job)
 
 
-def run_callbacks(job: JobConfig, run_id: str, run_dir: str, rank: int) -> list:
+def run_callbacks(job: JobConfig, run_id: str, run_dir: str, rank: int, workers: list[dict] | None = None) -> list:
     """Progress lines and metrics.jsonl, the configured sinks, the divergence guard, and early stopping."""
     from lorafleet.training.divergence import DivergenceGuard
     from lorafleet.training.early_stopping import EarlyStopping
@@ -131,7 +135,8 @@ def run_callbacks(job: JobConfig, run_id: str, run_dir: str, rank: int) -> list:
     from lorafleet.training.sinks import sink_callbacks
 
     # The guard comes after the progress line, so the console and metrics.jsonl show the step that diverged.
-    callbacks = [ProgressReporter(MetricsLog(run_dir), run_id), *sink_callbacks(job, run_dir, rank), DivergenceGuard()]
+    progress = ProgressReporter(MetricsLog(run_dir), run_id, workers)
+    callbacks = [progress, *sink_callbacks(job, run_dir, rank), DivergenceGuard()]
     if job.training.early_stopping is not None:
         callbacks.append(EarlyStopping(job.training.early_stopping))
     return callbacks
@@ -186,3 +191,21 @@ def require_complete_checkpoint(folder: str) -> None:
     missing = [name for name in CHECKPOINT_MARKERS if not (Path(folder) / name).is_file()]
     if missing:
         raise LorafleetError(f"checkpoint {folder} is incomplete (no {', '.join(missing)}); it cannot be resumed")
+
+
+def worker_placement(run_id: str, rank: int) -> list[dict]:
+    """Where every rank of this worker group runs (as the workers themselves report it), printed per rank."""
+    import socket
+
+    import ray
+    import torch.distributed as dist
+
+    mine = {"rank": rank, "node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+            "hostname": socket.gethostname()}  # fmt: skip
+    print(f"[{run_id}] rank {rank} on node {mine['node_ip']} ({mine['node_id'][:12]})", flush=True)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return sorted(everyone, key=lambda worker: worker["rank"])
+

@@ -13,17 +13,14 @@ Every run is the real CLI in a subprocess; the worker to kill is found among tha
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.helpers import CONFIGS, REPO
+from tests.helpers import CONFIGS
+from tests.run_watch import final_loss, read_metrics, run
 
 pytestmark = pytest.mark.slow
 
@@ -37,71 +34,6 @@ def train_command(storage: Path, run_id: str, *extra: str) -> list[str]:
         "--set", f"storage.uri={storage}", "--set", f"training.max_steps={STEPS}",
         "--set", f"training.save_steps={SAVE_EVERY}", "--set", "training.seed=7", *extra,
     ]  # fmt: skip
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def registered_checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps of the checkpoints Ray's controller has registered (a checkpoint is complete only from then on)."""
-    snapshot = run_dir / "checkpoints" / "checkpoint_manager_snapshot.json"
-    try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
-        return []
-    return [int(result["metrics"]["step"]) for result in results]
-
-
-def train_workers(root: psutil.Process) -> list[psutil.Process]:
-    workers = []
-    for process in root.children(recursive=True):
-        try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                workers.append(process)
-        except psutil.Error:
-            continue
-    return workers
-
-
-def run(command: list[str], run_dir: Path, *, kill: bool = False, timeout: float = 900):
-    """Run the CLI; with `kill`, SIGKILL one train worker once Ray has registered a checkpoint and training
-    has moved past it (so there is work to lose and a checkpoint to come back to).
-
-    Returns (result with stdout+stderr in stdout, pid killed or None). Output goes to a file: a full pipe would
-    block the run while it is being watched.
-    """
-    log_path = run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process ends
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
-    killed = None
-    try:
-        if kill:
-            deadline = time.monotonic() + timeout
-            root = psutil.Process(process.pid)
-            while killed is None and process.poll() is None and time.monotonic() < deadline:
-                registered = registered_checkpoint_steps(run_dir)
-                steps = [record["step"] for record in read_metrics(run_dir) if "loss" in record]
-                workers = train_workers(root)
-                if registered and steps and max(steps) > max(registered) and len(workers) == 2:
-                    victim = workers[-1]
-                    os.kill(victim.pid, signal.SIGKILL)
-                    killed = victim.pid
-                time.sleep(0.05)
-        process.wait(timeout=timeout)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        log.close()
-    return subprocess.CompletedProcess(command, process.returncode, log_path.read_text(), ""), killed
-
-
-def final_loss(run_dir: Path) -> float:
-    return [record for record in read_metrics(run_dir) if "loss" in record and record["step"] == STEPS][-1]["loss"]
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +80,7 @@ def test_metrics_show_the_restart_from_the_last_checkpoint(recovered: tuple[Path
 
 def test_recovered_run_ends_where_an_uninterrupted_run_ends(recovered: tuple[Path, int], uninterrupted: Path) -> None:
     run_dir, _ = recovered
-    straight, resumed = final_loss(uninterrupted), final_loss(run_dir)
+    straight, resumed = final_loss(uninterrupted, STEPS), final_loss(run_dir, STEPS)
     assert resumed == pytest.approx(straight, rel=0.02), (resumed, straight)
 
 

@@ -5,13 +5,15 @@
 
 One linear story:
     run folder → config.yaml → eval examples (the run's data.eval, else the same seeded holdout of data.train
-    that training used; `--split test`: the train set's test file) → base model: response loss + greedy
-    generations → the same base with the adapter: the same → task metrics side by side → report/
+    that training used; `--split test`: the train set's test file) → base model: response loss + answers
+    (evaluate_sampling: greedy, or k samples aggregated beside greedy) → the same base with the adapter: the
+    same → task metrics side by side → baselines and a verdict per output → report/
 
 Examples are rendered exactly as in training (training.data's Renderer and encode: chat template, EOS, loss
 only on response tokens, truncation at data.max_seq_len); generation prompts are the rendered text up to the
 last response. Both models see the same examples in the same batches; this is checked, not assumed.
-Generation is batched with left padding, greedy, and stops at EOS or max_new_tokens.
+Answers come from an AnswerSource (evaluate_generation): the CLI's CPU engine, else transformers' generate; the
+base's are cached by (base, prompts, decoding).
 
 The report (see evaluate_report.py): report/eval.json (every number, base and fine-tuned side by side),
 report/eval.md, report/eval_metrics.png, report/eval_scatter.png (numeric tasks), report/eval_generations.jsonl.

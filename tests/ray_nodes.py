@@ -13,20 +13,7 @@ def stop_ray_processes(temp_dir: str) -> None:
     import psutil
 
     marker = Path(temp_dir) / "ray_current_cluster"
-    needles = [temp_dir] + ([marker.read_text().strip()] if marker.is_file() else [])
-    roots = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(needle in arg for arg in process.info["cmdline"] or [] for needle in needles):
-                roots.append(process)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    processes = set()
-    for root in roots:
-        try:
-            processes |= {root, *root.children(recursive=True)}
-        except psutil.NoSuchProcess:
-            continue
+    processes = processes_naming([temp_dir] + ([marker.read_text().strip()] if marker.is_file() else []))
     for process in processes:
         try:
             process.terminate()
@@ -47,3 +34,18 @@ def stop_ray_processes(temp_dir: str) -> None:
             process.kill()
         except psutil.NoSuchProcess:
             pass
+
+
+def processes_naming(needles: list[str]) -> set:
+    """The processes with any of `needles` in an argument of their command line, and all their children."""
+    import psutil
+
+    found = set()
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(needle in arg for arg in process.info["cmdline"] or [] for needle in needles):
+                found |= {process, *process.children(recursive=True)}
+        except psutil.Error:
+            continue
+    return found
+

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import CONFIGS, run_cli
-from tests.ray_nodes import stop_ray_processes
+from tests.ray_nodes import processes_naming, stop_ray_processes
 from tests.run_watch import final_loss, read_metrics, registered_checkpoint_steps, run
 
 pytestmark = pytest.mark.slow
@@ -102,13 +102,7 @@ def kill_node(ip: str) -> int:
     """SIGKILL every process of the node bound to `ip` (raylet, agents, workers) and their children."""
     import psutil
 
-    victims = set()
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            if any(ip in arg for arg in process.info["cmdline"] or []):
-                victims |= {process, *process.children(recursive=True)}
-        except psutil.Error:
-            continue
+    victims = processes_naming([ip])
     for process in victims:
         try:
             process.kill()

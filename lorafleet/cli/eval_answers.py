@@ -22,7 +22,6 @@ from lorafleet.training.evaluate import EvalPlan
 from lorafleet.training.evaluate_sampling import Decoding
 
 BATCH_ROWS = 64  # sequences decoded together: k samples of several prompts
-NAMES = {"base": "base", "finetuned": "finetuned"}
 
 
 class EngineAnswers:
@@ -38,8 +37,8 @@ class EngineAnswers:
         samples = settings.samples if settings.decoding != "greedy" else 1
         config = ServingConfig(
             base=job.model.name_or_path,
-            served_model_name=NAMES["base"],
-            adapters={NAMES["finetuned"]: str(adapter)},
+            served_model_name="base",  # the engine serves `which` of answer() under its own name
+            adapters={"finetuned": str(adapter)},
             adapter_roots=[str(adapter.parent)],
             max_batch_size=max(BATCH_ROWS, samples),
             max_queue=max(1, len(plan.examples) * samples),
@@ -54,7 +53,7 @@ class EngineAnswers:
         self.engine.start()
 
     def answer(self, which: str, prompts: list[list[int]], decoding: Decoding) -> list[list[str]]:
-        return asyncio.run(self._answer_all(NAMES[which], prompts, decoding))
+        return asyncio.run(self._answer_all(which, prompts, decoding))
 
     async def _answer_all(self, model: str, prompts: list[list[int]], decoding: Decoding) -> list[list[str]]:
         from tqdm import tqdm

@@ -76,6 +76,14 @@ class DistributedSection(Section):
     deepspeed: DeepSpeedSection | None = Field(None, description="ZeRO settings (strategy: deepspeed).")
     fsdp: FsdpSection | None = Field(None, description="FSDP settings (strategy: fsdp).")
     max_failures: int = Field(0, ge=-1, description="Restarts from the last checkpoint after a failure (-1: forever).")
+    sigterm_grace_s: float = Field(
+        120,
+        gt=0,
+        le=86400,
+        description="After SIGTERM (a pod's eviction, a spot reclaim) a worker checkpoints at its next step and "
+        "restarts from it; one that cannot reach a step boundary within this many seconds exits. KubeRay pods get "
+        "this plus 30 s as terminationGracePeriodSeconds.",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK",
         description="How Ray places the workers on nodes (Ray Train's ScalingConfig): PACK fills a node first, "

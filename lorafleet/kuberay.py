@@ -21,6 +21,7 @@ import base64
 import copy
 import hashlib
 import json
+import math
 import re
 import shlex
 from typing import Any
@@ -40,6 +41,7 @@ SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 MAX_RAYJOB_NAME = 47  # KubeRay: RayCluster name limit (53) minus the 6 characters it appends
 MAX_RAYCLUSTER_NAME = 53
 CONFIG_DIR_IN_POD = "/tmp/lorafleet"
+POD_STOP_MARGIN_S = 30  # beyond distributed.sigterm_grace_s: the checkpoint's upload, Ray's own shutdown
 
 
 # The Helm chart's non-root pod and container security (uid 1000 is the lorafleet image's user). The root
@@ -217,6 +219,11 @@ def _pod_template(
         container["env"] = [
             {"name": name, "value": value} for name, value in storage_env(options.mount_path, storage=True).items()
         ]
+    if role == "worker":  # spot/eviction: the workers checkpoint their step before the pod goes
+        grace = math.ceil(job.distributed.sigterm_grace_s)
+        container["lifecycle"] = {
+            "preStop": {"exec": {"command": ["python", "-m", "lorafleet.pod_stop", "--wait", str(grace)]}}
+        }
     if role == "head":
         container["ports"] = [
             {"containerPort": 6379, "name": "gcs-server"},
@@ -224,6 +231,7 @@ def _pod_template(
             {"containerPort": 10001, "name": "client"},
         ]
     spec: dict[str, Any] = {
+        **({"terminationGracePeriodSeconds": grace + POD_STOP_MARGIN_S} if role == "worker" else {}),
         "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
         "containers": [container],
         "volumes": volumes,

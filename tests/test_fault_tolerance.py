@@ -3,6 +3,8 @@
 - max_failures: 1 -> Ray restarts the worker group from the last checkpoint and the run completes; its final
   loss matches an uninterrupted run with the same seed; metrics.jsonl shows the restart (`train_begin`,
   `resumed: true`, at the checkpoint's step).
+- SIGTERM to a worker (a pod's eviction, a spot reclaim) -> a checkpoint of the step it is at, and the restarted
+  group resumes from that step, not from the last periodic checkpoint.
 - max_failures: 0 -> the run fails cleanly (exit code, run.json). `lorafleet train CONFIG --resume RUN_ID`
   then continues it from its last complete checkpoint (a stray, incomplete checkpoint folder is ignored) and
   completes. This pair runs DeepSpeed ZeRO-2, so sharded optimizer state from both workers comes back too.
@@ -13,6 +15,8 @@ Every run is the real CLI in a subprocess; the worker to kill is found among tha
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import psutil
 import pytest
 
 from tests.helpers import CONFIGS
-from tests.run_watch import final_loss, read_metrics, run
+from tests.run_watch import final_loss, read_metrics, registered_checkpoint_steps, run, train_workers
 
 pytestmark = pytest.mark.slow
 
@@ -82,6 +86,49 @@ def test_recovered_run_ends_where_an_uninterrupted_run_ends(recovered: tuple[Pat
     run_dir, _ = recovered
     straight, resumed = final_loss(uninterrupted, STEPS), final_loss(run_dir, STEPS)
     assert resumed == pytest.approx(straight, rel=0.02), (resumed, straight)
+
+
+@pytest.fixture(scope="module")
+def sigtermed(storage: Path) -> dict:
+    """A run whose only periodic checkpoint is its last step; one worker gets SIGTERM past step 5."""
+    run_dir = storage / "runs" / "sigterm"
+    command = train_command(
+        storage, "sigterm", "--set", "distributed.max_failures=1", "--set", f"training.save_steps={STEPS}"
+    )
+    seen: dict = {"checkpoints": set()}
+
+    def signal_then_watch() -> bool:
+        seen["checkpoints"].update(registered_checkpoint_steps(run_dir))
+        if "pid" not in seen:
+            steps = [record["step"] for record in read_metrics(run_dir) if "loss" in record]
+            workers = train_workers(psutil.Process(seen["driver"])) if "driver" in seen else []
+            if steps and max(steps) >= 5 and len(workers) == 2:
+                seen["pid"], seen["step"] = workers[-1].pid, max(steps)
+                os.kill(seen["pid"], signal.SIGTERM)
+            return False
+        return any(record.get("resumed") for record in read_metrics(run_dir))
+
+    result, _ = run(command, run_dir, watch=signal_then_watch, on_start=lambda pid: seen.update(driver=pid))
+    assert "pid" in seen, "the run ended before a worker could be signalled: " + result.stdout[-3000:]
+    return {"run_dir": run_dir, "result": result, **seen}
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_run_resumes_from_it(sigtermed: dict, uninterrupted: Path):
+    run_dir, result = sigtermed["run_dir"], sigtermed["result"]
+    assert result.returncode == 0, result.stdout[-5000:]
+    preempted = [record for record in read_metrics(run_dir) if record.get("event") == "preempted"]
+    assert len(preempted) == 1 and preempted[0]["reason"].startswith("SIGTERM to worker rank"), preempted
+    step = preempted[0]["step"]
+    # The step boundary after the signal: the step logged when it was sent, or the one in flight then.
+    assert sigtermed["step"] <= step <= sigtermed["step"] + 2, (sigtermed["step"], step)
+    assert step in sigtermed["checkpoints"] and step % STEPS != 0, sigtermed["checkpoints"]
+    begins = [record for record in read_metrics(run_dir) if record.get("event") == "train_begin"]
+    assert [(begin["resumed"], begin["step"]) for begin in begins] == [(False, 0), (True, step)], begins
+    assert f"checkpointing step {step}" in result.stdout
+    summary = json.loads((run_dir / "run.json").read_text())
+    assert summary["status"] == "succeeded" and summary["global_step"] == STEPS
+    assert not psutil.pid_exists(sigtermed["pid"]) or psutil.Process(sigtermed["pid"]).status() == "zombie"
+    assert final_loss(run_dir, STEPS) == pytest.approx(final_loss(uninterrupted, STEPS), rel=0.02)
 
 
 @pytest.fixture(scope="module")

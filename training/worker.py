@@ -29,12 +29,16 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
     import ray.train
     import ray.train.torch
 
-    from lorafleet.training.reporting import RayCheckpointReporter
+    from lorafleet.training.preemption import PreemptionCheckpoint, install_sigterm_handler
+    from lorafleet.training.reporting import MetricsLog, RayCheckpointReporter
 
     job = JobConfig.model_validate(yaml.safe_load(payload["config"]))
     run_id = payload["run_id"]
     rank = ray.train.get_context().get_world_rank()
     workers = worker_placement(run_id, rank)
+    install_sigterm_handler(job.distributed.sigterm_grace_s)
+    drain_notice = getattr(ray.train, "get_preemption_info", None)  # a node's drain, where this Ray reports one
+    preemption = PreemptionCheckpoint(run_id, MetricsLog(payload["run_dir"]), drain_notice=drain_notice)
     trainer, data = build_hf_trainer(
         job,
         run_id=run_id,
@@ -42,7 +46,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
         device=ray.train.torch.get_device(),
         rank=rank,
         deepspeed=payload.get("deepspeed"),
-        callbacks=[RayCheckpointReporter()],
+        callbacks=[RayCheckpointReporter(), preemption],
         workers=workers,
     )
 
@@ -54,6 +58,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> dict[str, Any]:
             require_complete_checkpoint(resume_dir)
             print(f"[{run_id}] resuming from {checkpoint.path}", flush=True)
             result = trainer.train(resume_from_checkpoint=resume_dir)
+    if preemption.reason is not None:
+        raise preemption.error()  # a failure to Ray Train: it restarts the group from the checkpoint just saved
     return {"train_loss": result.training_loss, "global_step": result.global_step, "data": data.stats_dict()}
 
 

@@ -75,7 +75,7 @@ demo: model data ## the whole loop on the embedded default: train 2 adapters, ev
 	$(BIN)/lorafleet demo
 
 test: $(STAMP) tools browser vllm ## run every test (slow end-to-end ones too)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=30
 
 test-fast: $(STAMP) tools browser vllm ## run the tests not marked slow
 	$(BIN)/python -m pytest -q -ra -m "not slow"

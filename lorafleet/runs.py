@@ -11,8 +11,9 @@
     merged/            `lorafleet merge`'s default output
     run.json           the RunRecord: status, steps, losses, timings, data hash (or the error)
 
-Storage may be a local path or an object store URI (s3://...); training writes either, the commands that
-read a finished run (eval, merge, publish) need it local.
+Storage may be a local path or an object store URI (s3://...); training writes either. The commands that
+read a finished run (eval, merge, publish) work on a local copy of an object-store run (all but its
+checkpoints, `$LORAFLEET_HOME/object-runs/...`) and upload what they write (report/, merged/) back.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from lorafleet.config import JobConfig
 from lorafleet.errors import LorafleetError
 from lorafleet.names import is_valid_run_id
-from lorafleet.storage import StorageFolder, StorageRoot
+from lorafleet.object_store import ObjectFolder, S3Location, is_s3_uri
+from lorafleet.paths import home
+from lorafleet.storage import COMPLETE_MARKER, StorageFolder, StorageRoot, upload_dir
 
 CONFIG_FILE = "config.yaml"
 RECORD_FILE = "run.json"
@@ -40,6 +43,7 @@ CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_DIR = "adapter"
 REPORT_DIR = "report"
 MERGED_DIR = "merged"
+ORIGIN_FILE = ".lorafleet-origin"  # in a local copy of an object-store run: the run's URI
 
 
 class RunNotFound(LorafleetError):
@@ -195,13 +199,47 @@ def find_run_dir(run: str | Path, storage_uri: str | None = None) -> Path:
         return as_path.resolve()
     if not is_valid_run_id(str(run)):
         raise RunNotFound(f"{str(run)!r} is neither a run folder nor a valid run id (lowercase, digits, . _ -)")
+    if is_s3_uri(str(run)):
+        return copy_of_run(str(run))
     root = StorageRoot(storage_uri or default_storage_uri())
+    if is_s3_uri(root.uri):
+        return copy_of_run(root.run_dir(str(run)))
     if not root.is_local:
-        raise RunNotFound(f"{root.uri} is an object store: copy the run folder locally and pass its path")
+        raise RunNotFound(f"{root.uri}: runs are read from a path or from s3://")
     path = root.local_path / "runs" / str(run)
     if not path.is_dir():
         raise RunNotFound(f"no run {str(run)!r}: {path} does not exist (pass --storage or the run folder)")
     return path
+
+
+def copy_of_run(uri: str) -> Path:
+    """The run at an object-store URI, without its checkpoints, in a local folder (refreshed at each call); an
+    adapter/ or merged/ whose upload did not finish (no completion marker) is left out."""
+    store = ObjectFolder(S3Location.parse(uri))
+    objects = list(store.list(""))
+    if not any(item.key == CONFIG_FILE for item in objects):
+        raise RunNotFound(f"no run at {uri} (no {CONFIG_FILE})")
+    complete = {item.key.split("/")[0] for item in objects if item.key.endswith(f"/{COMPLETE_MARKER}")}
+    target = home() / "object-runs" / store.location.bucket / store.location.key
+    for item in objects:
+        top = item.key.split("/")[0]
+        if top == CHECKPOINTS_DIR or (top in (ADAPTER_DIR, MERGED_DIR) and top not in complete):
+            continue
+        path = target / item.key
+        if not path.resolve().is_relative_to(target.resolve()):
+            continue
+        if top == MERGED_DIR and path.is_file() and path.stat().st_size == item.size:
+            continue  # a merged model is written once; its large files are not fetched again
+        store.download(item.key, path)
+    (target / ORIGIN_FILE).write_text(uri + "\n")
+    return target
+
+
+def push_run_part(run_dir: Path, part: str) -> None:
+    """Upload `part` (report/, merged/) of a local copy of an object-store run back to the run; no-op locally."""
+    origin = run_dir / ORIGIN_FILE
+    if origin.is_file() and (run_dir / part).is_dir():
+        upload_dir(run_dir / part, f"{origin.read_text().strip()}/{part}")
 
 
 def open_run(run: str | Path, storage_uri: str | None = None) -> FinishedRun:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lorafleet.errors import ConfigError, LorafleetError, Problem
 from lorafleet.names import NAME_RULE, is_valid_name
+from lorafleet.object_store import is_s3_uri
 from lorafleet.paths import default_storage_uri
 from lorafleet.registry.contract import VLLM_LORA_RANKS  # vLLM 0.33 LoRAConfig.max_lora_rank choices
 from lorafleet.storage import local_path_of
@@ -182,6 +183,10 @@ class ServingConfig(BaseModel):
         else:
             roots = [Path(path).parent for path in self.adapters.values()]
             local_storage = local_path_of(self.storage_uri)
+            if local_storage is None and is_s3_uri(self.storage_uri):
+                from lorafleet.registry.remote import mirror_of
+
+                local_storage = mirror_of(self.storage_uri)  # registry versions are loaded from its mirror
             if local_storage is not None:
                 roots.append(local_storage)
         unique: list[Path] = []

@@ -42,11 +42,14 @@ def train_workers(root: psutil.Process) -> list[psutil.Process]:
     return workers
 
 
-def run(command: list[str], run_dir: Path, *, kill: bool = False, timeout: float = 900, watch=None, on_start=None):
+def run(
+    command: list[str], run_dir: Path, *, kill: bool = False, timeout: float = 900, watch=None, on_start=None,
+    env: dict[str, str] | None = None,
+):
     """Run the CLI; with `kill`, SIGKILL one train worker once Ray has registered a checkpoint and training
     has moved past it (so there is work to lose and a checkpoint to come back to). `watch()`, if given, is
     called while the run goes on until it returns True (a test's own fault to inject); `on_start(pid)` is told
-    the CLI's process id first.
+    the CLI's process id first; `env` is added to this process's environment.
 
     Returns (result with stdout+stderr in stdout, pid killed or None). Output goes to a file: a full pipe would
     block the run while it is being watched.
@@ -54,7 +57,9 @@ def run(command: list[str], run_dir: Path, *, kill: bool = False, timeout: float
     log_path = run_dir.parent / f"{run_dir.name}-{time.monotonic_ns()}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")  # noqa: SIM115 - closed below, after the process ends
-    process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
     killed = None
     if on_start is not None:
         on_start(process.pid)

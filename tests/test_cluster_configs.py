@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lorafleet.config import load_job_config
-from tests.helpers import CONFIGS
+from tests.helpers import CONFIGS, run_cli
 
 # file: model, quantization, method, strategy, ZeRO stage, offload (optimizer, params), GPU workers
 EXAMPLES = {
@@ -80,3 +81,31 @@ def test_cluster_example_renders_a_rayjob_kuberay_accepts(name: str) -> None:
     assert all_errors(body) == []
     workers = body["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == job.distributed.num_workers
+
+
+@pytest.mark.parametrize("storage", [None, "s3://lorafleet-runs/fleet"])
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_submit_k8s_dry_run_of_each_example_is_schema_valid_and_storage_honest(name: str, storage: str | None):
+    """As shipped, storage is a ReadWriteMany PVC mounted at `storage.uri` in every pod; with s3:// the URI goes to
+    the workers as it is. Either way the worker pods checkpoint on eviction (preStop hook, grace period)."""
+    from tests.test_kuberay import all_errors
+
+    job = load_job_config(CONFIGS / name)
+    extra = ["--set", f"storage.uri={storage}"] if storage else []
+    result = run_cli("submit", str(CONFIGS / name), "--k8s", "--dry-run", *extra)
+    assert result.returncode == 0, result.stderr
+    body = yaml.safe_load(result.stdout)
+    assert body["kind"] == "RayJob" and all_errors(body) == []
+    cluster = body["spec"]["rayClusterSpec"]
+    workers = cluster["workerGroupSpecs"][0]["template"]["spec"]
+    assert workers["terminationGracePeriodSeconds"] > job.distributed.sigterm_grace_s
+    hook = workers["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
+    assert hook[:3] == ["python", "-m", "lorafleet.pod_stop"]
+    assert body["metadata"]["annotations"]["lorafleet.io/storage"] == (storage or job.storage.uri)
+    for group in (cluster["headGroupSpec"], cluster["workerGroupSpecs"][0]):
+        pod = group["template"]["spec"]
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        mounts = {mount["name"]: mount["mountPath"] for mount in pod["containers"][0]["volumeMounts"]}
+        if storage is None:  # the run folder every pod writes is on the shared claim
+            assert claims and mounts["storage"] == job.storage.uri
+    assert "lorafleet train" in body["spec"]["entrypoint"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from lorafleet.config import JobConfig
 from lorafleet.errors import ConfigError, LorafleetError, Problem
+from lorafleet.object_store import check_writable, is_s3_uri
 from lorafleet.registry.checks import check_finite_weights
 from lorafleet.registry.layout import RegistryError
 from lorafleet.runs import (
@@ -88,6 +89,8 @@ def run_trial(job: JobConfig, run_id: str, *, callbacks: list, sweep: SweepTrial
 
 def open_run_folder(job: JobConfig, run_id: str) -> tuple[RunFolder, bool]:
     """The run's folder, and whether the run resumes (its folder holds the same config)."""
+    if is_s3_uri(job.storage.uri):  # endpoint, credentials, bucket, write permission: before anything else
+        check_writable(job.storage.uri)
     folder = RunFolder.of(job.storage.uri, validate_run_id(run_id))
     previous = folder.read_config() if folder.config_text() is not None else None
     if previous is not None and previous != job:

@@ -14,18 +14,19 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lorafleet.storage import local_path_of
+from lorafleet.runs import METRICS_FILE
+from lorafleet.storage import StorageFolder, local_path_of
 
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class MetricsLog:
-    """Append-only JSONL of metrics in the run folder (a rewrite of the small file on object stores)."""
+    """Append-only JSONL of metrics in the run folder. On an object store each append reads the small object and
+    writes it back whole (one PUT): a restarted worker group, or a second writer in the process, keeps every line."""
 
     def __init__(self, run_dir_uri: str):
-        self.uri = f"{run_dir_uri.rstrip('/')}/metrics.jsonl"
-        self.local = local_path_of(self.uri)
-        self._lines: list[str] = []
+        self.folder = StorageFolder(run_dir_uri)
+        self.local = local_path_of(f"{self.folder.uri}/{METRICS_FILE}")
 
     def append(self, record: dict) -> None:
         line = json.dumps(record, sort_keys=True)
@@ -34,12 +35,7 @@ class MetricsLog:
             with open(self.local, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
             return
-        import pyarrow.fs as pafs
-
-        self._lines.append(line)
-        filesystem, path = pafs.FileSystem.from_uri(self.uri)
-        with filesystem.open_output_stream(path) as stream:
-            stream.write(("\n".join(self._lines) + "\n").encode())
+        self.folder.write_text(METRICS_FILE, (self.folder.read_text(METRICS_FILE) or "") + line + "\n")
 
 
 class ProgressReporter(TrainerCallback):

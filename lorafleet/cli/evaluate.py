@@ -38,7 +38,7 @@ def evaluate(
 ) -> None:
     """Compare the base model and the fine-tuned adapter: loss, perplexity, task metrics, plots."""
     from lorafleet.cli.eval_answers import EngineAnswersForEval
-    from lorafleet.runs import open_run
+    from lorafleet.runs import REPORT_DIR, open_run, push_run_part
     from lorafleet.training.evaluate import evaluate_run, resolve_settings
     from lorafleet.training.evaluate_report import summary_lines
 
@@ -61,5 +61,6 @@ def evaluate(
         outcome = evaluate_run(folder, settings, device=device, engine_answers=engine_answers)
     finally:
         engine_answers.close()
+    push_run_part(folder.path, REPORT_DIR)
     typer.echo("\n".join(summary_lines(outcome.report)))
     typer.echo(f"report {folder.report_dir / 'eval.md'}")

@@ -14,7 +14,9 @@ import typer
 
 RunArg = typer.Argument(..., help="A run folder, or a run id under <storage>/runs/.")
 StorageOption = typer.Option(
-    None, "--storage", help="Storage root holding runs/ (path or file://). Default: $LORAFLEET_STORAGE, else the cache."
+    None,
+    "--storage",
+    help="Storage root holding runs/ (path, file:// or s3://). Default: $LORAFLEET_STORAGE, else the cache.",
 )
 
 
@@ -27,10 +29,13 @@ def merge(
     storage: str = StorageOption,
 ) -> None:
     """Merge a LoRA/DoRA/IA3 adapter into its base (QLoRA: into the dequantized base) and save it."""
-    from lorafleet.runs import open_run
+    from lorafleet.runs import MERGED_DIR, open_run, push_run_part
     from lorafleet.training.merge import merge_run
 
-    summary = merge_run(open_run(run, storage), out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    finished = open_run(run, storage)
+    summary = merge_run(finished, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    if out is None:
+        push_run_part(finished.path, MERGED_DIR)
     typer.echo(
         f"merged {summary.method} adapter into {summary.out_dir} ({summary.dtype}, {summary.shards} shard(s), "
         f"{summary.size_bytes / 1e6:.1f} MB) in {summary.seconds}s\n"

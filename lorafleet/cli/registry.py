@@ -21,7 +21,7 @@ import typer
 app = typer.Typer(help="The versioned adapter registry on shared storage.", no_args_is_help=True)
 
 StorageOption = typer.Option(
-    None, "--storage", help="Storage root (path or file://). Default: $LORAFLEET_STORAGE, else the local cache."
+    None, "--storage", help="Storage root (path, file:// or s3://). Default: $LORAFLEET_STORAGE, else the local cache."
 )
 MergedOption = typer.Option(False, "--merged", help="Merged full models (models/) instead of adapters.")
 TargetOption = typer.Option(

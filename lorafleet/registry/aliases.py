@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import filelock
@@ -112,12 +112,17 @@ def editing_aliases(registry: Registry, name: str, kind: Kind = "adapters") -> I
     except filelock.Timeout:
         raise RegistryError(f"{folder / LOCK_FILE} is held by another process for over {LOCK_TIMEOUT_S}s") from None
     try:
-        state = _read(registry, name, kind)
-        yield state
-        write_text_atomic(folder / ALIASES_FILE, state.model_dump_json(indent=2) + "\n")
-        os.chmod(folder / ALIASES_FILE, 0o644)  # the atomic write's temp file is owner-only; serving reads it
+        with _remote_side(registry, name, kind):  # an object store: its lock, a fresh read, a conditional write
+            state = _read(registry, name, kind)
+            yield state
+            write_text_atomic(folder / ALIASES_FILE, state.model_dump_json(indent=2) + "\n")
+            os.chmod(folder / ALIASES_FILE, 0o644)  # the atomic write's temp file is owner-only; serving reads it
     finally:
         lock.release()
+
+
+def _remote_side(registry: Registry, name: str, kind: Kind):
+    return registry.remote.editing_aliases(kind, name) if registry.remote is not None else nullcontext()
 
 
 def refresh_latest(registry: Registry, name: str, kind: Kind, *, action: str = "publish") -> str | None:

@@ -13,14 +13,17 @@ Readers only ever look at folders named `v<N>`; everything hidden (starting with
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from lorafleet.errors import LorafleetError
 from lorafleet.names import NAME_RULE, is_valid_name
 from lorafleet.paths import default_storage_uri
 from lorafleet.storage import StorageRoot
+
+if TYPE_CHECKING:
+    from lorafleet.registry.remote import RemoteRegistry
 
 Kind = Literal["adapters", "models"]
 KINDS: tuple[Kind, ...] = ("adapters", "models")
@@ -28,6 +31,7 @@ LATEST = "latest"
 VERSION_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 RETIRED_DIR = ".retired"
+CLAIMS_DIR = ".claims"  # object stores: numbers taken by publishes (finished or not)
 STAGING_PREFIX = ".staging-"
 
 
@@ -108,17 +112,31 @@ def parse_reference(text: str | Reference, *, default: str = LATEST) -> Referenc
 
 @dataclass(frozen=True)
 class Registry:
-    """The registry part of one storage root; only local/NFS/PVC paths are supported for now."""
+    """The registry part of one storage root: a local/NFS/PVC path, or an object store (`s3://`) read through
+    its verified local mirror (lorafleet.registry.remote), which is then `root`."""
 
     root: StorageRoot
+    remote: RemoteRegistry | None = field(default=None, compare=False)
 
     @classmethod
     def open(cls, storage_uri: str | Path | None = None) -> Registry:
         uri = str(storage_uri) if storage_uri else default_storage_uri()
         root = StorageRoot(uri)
+        if uri.startswith("s3://"):
+            from lorafleet.registry.remote import RemoteRegistry
+
+            remote = RemoteRegistry(uri)
+            remote.mirror.mkdir(parents=True, exist_ok=True)
+            remote.pull()
+            return cls(StorageRoot(str(remote.mirror)), remote)
         if not root.is_local:
-            raise RegistryError(f"{uri}: the registry supports local, NFS and PVC paths (file://) for now")
+            raise RegistryError(f"{uri}: the registry lives on a path (local, NFS, PVC, file://) or on s3://")
         return cls(StorageRoot(str(root.local_path.expanduser().resolve())))
+
+    @property
+    def location(self) -> str:
+        """Where the registry is, as users name it."""
+        return self.remote.uri if self.remote is not None else str(self.base)
 
     @property
     def base(self) -> Path:
@@ -149,8 +167,8 @@ class Registry:
         found = [entry.name for entry in folder.iterdir() if VERSION_PATTERN.fullmatch(entry.name) and entry.is_dir()]
         return sorted(found, key=version_number)
 
-    def retired_versions(self, name: str, kind: Kind = "adapters") -> list[str]:
-        folder = self.name_dir(name, kind) / RETIRED_DIR
+    def retired_versions(self, name: str, kind: Kind = "adapters", marker_dir: str = RETIRED_DIR) -> list[str]:
+        folder = self.name_dir(name, kind) / marker_dir
         if not folder.is_dir():
             return []
         return sorted((e.name for e in folder.iterdir() if VERSION_PATTERN.fullmatch(e.name)), key=version_number)
@@ -161,5 +179,6 @@ class Registry:
 
     def next_number(self, name: str, kind: Kind = "adapters") -> int:
         """One more than any version ever claimed (unpublished ones included: numbers are never reused)."""
-        used = [version_number(v) for v in self.versions(name, kind) + self.retired_versions(name, kind)]
+        taken = self.retired_versions(name, kind) + self.retired_versions(name, kind, CLAIMS_DIR)
+        used = [version_number(v) for v in self.versions(name, kind) + taken]
         return max(used, default=0) + 1

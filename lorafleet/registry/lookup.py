@@ -34,7 +34,7 @@ def resolve_version(registry: Registry, reference: str | Reference, kind: Kind =
     name, selector = parse_reference(reference)
     what = "adapter" if kind == "adapters" else "merged model"
     if not registry.name_dir(name, kind).is_dir():
-        raise NotFound(f"no {what} named {name!r} in {registry.base / kind}")
+        raise NotFound(f"no {what} named {name!r} in {registry.location}/{kind}")
     if Reference(name, selector).is_version:
         if not registry.version_dir(name, selector, kind).is_dir():
             known = ", ".join(registry.versions(name, kind)) or "none"

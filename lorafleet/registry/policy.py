@@ -179,4 +179,6 @@ def set_policy(
     text = yaml.safe_dump(policy.model_dump(mode="json", exclude_none=True, exclude_defaults=True), sort_keys=False)
     write_text_atomic(path, text)
     path.chmod(0o644)
+    if registry.remote is not None:
+        registry.remote.push_policy(kind, name, path)
     return policy

@@ -232,7 +232,7 @@ def publish_run(
     """
     registry = Registry.open(storage_uri)
     validate_name(name)
-    run_dir = find_run_dir(run, str(registry.base))
+    run_dir = find_run_dir(run, registry.location)
     if merged:
         if profile is not None:
             raise InvalidReference("--target checks adapters; a merged model is served as a base of its own")
@@ -299,6 +299,9 @@ def _claim_version(registry: Registry, kind: Kind, name: str, staging: Path, fie
         number = max(registry.next_number(name, kind), floor)
         manifest = Manifest(name=name, version=f"v{number}", created_at=utc_now(), **fields)
         _write_synced(staging / MANIFEST, manifest.to_json())  # staging is private: no need for a temp name
+        if registry.remote is not None and not registry.remote.claim(kind, name, manifest.version):
+            floor = number + 1  # another publisher won this number on the object store
+            continue
         try:
             os.rename(staging, name_dir / manifest.version)
         except OSError as exc:
@@ -307,6 +310,8 @@ def _claim_version(registry: Registry, kind: Kind, name: str, staging: Path, fie
             floor = number + 1  # another publisher won this number
             continue
         fsync_dir(name_dir)
+        if registry.remote is not None:  # visible there once its manifest, written last, is
+            registry.remote.push_version(kind, name, manifest.version, name_dir / manifest.version)
         return manifest
     raise RegistryError(f"could not claim a version for {name} after {MAX_CLAIM_ATTEMPTS} attempts")
 
@@ -348,6 +353,8 @@ def unpublish(storage_uri: str | Path | None, reference: str, *, kind: Kind = "a
             raise RegistryError(
                 f"{ref} is what {', '.join(pointing)} point(s) at: promote another version first or --force"
             )
+        if registry.remote is not None:
+            registry.remote.retire_version(kind, ref.name, version)
         write_text_atomic(name_dir / RETIRED_DIR / version, json.dumps({"at": utc_now(), "by": user_at_host()}) + "\n")
         retired = Path(tempfile.mkdtemp(prefix=f"{UNPUBLISHED_PREFIX}{version}-", dir=name_dir))
         os.rename(name_dir / version, retired / version)

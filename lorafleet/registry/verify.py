@@ -43,13 +43,15 @@ class VerifyReport:
 def verify(storage_uri: str | Path | None, name: str | None = None, *, kind: Kind | None = None) -> VerifyReport:
     """Check every visible version (of `name`, or of everything) against its manifest."""
     registry = Registry.open(storage_uri)
+    if registry.remote is not None:
+        registry.remote.pull(refetch=True)  # what is checked is what the object store holds now
     report = VerifyReport()
     only = parse_reference(name).name if name else None
     kinds = [kind] if kind else list(KINDS)
     if not registry.base.is_dir():
-        raise NotFound(f"storage {registry.base} does not exist: there is no registry to verify")
+        raise NotFound(f"storage {registry.location} does not exist: there is no registry to verify")
     if only is not None and not any(registry.name_dir(only, each).is_dir() for each in kinds):
-        raise NotFound(f"nothing named {only!r} in the registry at {registry.base}: nothing to verify")
+        raise NotFound(f"nothing named {only!r} in the registry at {registry.location}: nothing to verify")
     for each_kind in kinds:
         for entry in registry.names(each_kind):
             if only is not None and entry != only:

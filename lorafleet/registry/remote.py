@@ -1,0 +1,196 @@
+"""A registry on an object store (`s3://bucket/prefix`): the same layout as on a filesystem, committed without
+renames, and read through a verified local mirror.
+
+    <prefix>/adapters/<name>/v<N>/...             the version's files; manifest.json is written LAST
+    <prefix>/adapters/<name>/.claims/v<N>         the number, claimed by a create-if-absent write
+    <prefix>/adapters/<name>/aliases.json         replaced only if unchanged since read (If-Match)
+    <prefix>/adapters/<name>/.aliases.lock        held while aliases are edited (create-if-absent)
+    <prefix>/adapters/<name>/policy.yaml, .retired/v<N>
+
+A version is visible only once its manifest exists, so a publish killed at any point leaves nothing a reader
+lists or serves (its claim keeps the number from being reused). Readers work on a local mirror
+(`$LORAFLEET_HOME/object-registries/<bucket>/<prefix>`): visible versions are downloaded once (they never
+change) and checked against their manifests' sha256 by the same code as a local registry before any use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lorafleet.object_store import ObjectFolder, PreconditionFailed, S3Location
+from lorafleet.paths import home
+from lorafleet.registry.layout import CLAIMS_DIR, KINDS, RETIRED_DIR, VERSION_PATTERN, Kind, RegistryError
+from lorafleet.storage import install_dir_atomic, write_bytes_atomic
+
+ALIASES = "aliases.json"
+POLICY = "policy.yaml"
+MANIFEST = "manifest.json"
+LOCK = ".aliases.lock"
+LOCK_TIMEOUT_S = 120
+LOCK_STALE_S = 30  # an aliases edit takes well under a second; a lock this old belongs to a killed process
+
+
+def mirror_path(location: S3Location) -> Path:
+    return home() / "object-registries" / location.bucket / (location.key or "_root")
+
+
+def mirror_of(uri: str) -> Path:
+    """The local folder an object-store registry is read through (what servers load adapters from)."""
+    return mirror_path(S3Location.parse(uri))
+
+
+class RemoteRegistry:
+    """The object-store side of a registry whose local mirror is `mirror`."""
+
+    def __init__(self, uri: str):
+        self.location = S3Location.parse(uri)
+        self.store = ObjectFolder(self.location)
+        self.mirror = mirror_path(self.location)
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+    # ---- reading: remote -> mirror --------------------------------------------------------------
+
+    def pull(self, *, refetch: bool = False) -> None:
+        """Bring the mirror up to date: visible versions (downloaded once; `refetch` downloads them again), claims,
+        tombstones, aliases and policies; versions unpublished remotely leave the mirror."""
+        entries: dict[tuple[str, str], dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        for kind in KINDS:
+            for item in self.store.list(f"{kind}/"):
+                parts = item.key.split("/")
+                if len(parts) >= 3 and parts[1]:
+                    entries[(kind, parts[1])][parts[2]].append(("/".join(parts[3:]), item))
+        for kind in KINDS:
+            local_kind = self.mirror / kind
+            for stale in [p for p in local_kind.iterdir() if p.is_dir()] if local_kind.is_dir() else []:
+                if (kind, stale.name) not in entries:
+                    shutil.rmtree(stale, ignore_errors=True)
+        for (kind, name), children in entries.items():
+            self._pull_entry(kind, name, children, refetch=refetch)
+
+    def _pull_entry(self, kind: str, name: str, children: dict[str, list], *, refetch: bool) -> None:
+        local = self.mirror / kind / name
+        local.mkdir(parents=True, exist_ok=True)
+        visible = {
+            child for child, files in children.items()
+            if VERSION_PATTERN.fullmatch(child) and any(rel == MANIFEST for rel, _ in files)
+        }  # fmt: skip
+        for version in sorted(visible):
+            if refetch or not (local / version).is_dir():
+                self._fetch_version(kind, name, version, [rel for rel, _ in children[version] if rel])
+        for entry in local.iterdir():
+            if VERSION_PATTERN.fullmatch(entry.name) and entry.name not in visible:
+                shutil.rmtree(entry, ignore_errors=True)  # unpublished (or never complete) remotely
+        for marker_dir in (CLAIMS_DIR, RETIRED_DIR):
+            for version, _ in children.get(marker_dir, []):
+                if VERSION_PATTERN.fullmatch(version) and not (local / marker_dir / version).exists():
+                    write_bytes_atomic(local / marker_dir / version, b"")
+        for single in (ALIASES, POLICY):
+            self._pull_file(f"{kind}/{name}/{single}", local / single)
+
+    def _fetch_version(self, kind: str, name: str, version: str, files: list[str]) -> None:
+        """Every object of the version, as it is, into the mirror (checked against the manifest at each use)."""
+        self.mirror.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".fetch-", dir=self.mirror) as staging:
+            for relative in files:
+                target = Path(staging, *relative.split("/"))
+                if not target.resolve().is_relative_to(Path(staging).resolve()):
+                    continue  # a key that would land outside the folder is not a file of the version
+                self.store.download(f"{kind}/{name}/{version}/{relative}", target)
+            install_dir_atomic(Path(staging), self.mirror / kind / name / version, replace=True)
+
+    def _pull_file(self, key: str, path: Path) -> str | None:
+        found = self.store.read(key)
+        if found is None:
+            path.unlink(missing_ok=True)
+            return None
+        write_bytes_atomic(path, found[0])
+        return found[1]
+
+    # ---- writing: mirror -> remote --------------------------------------------------------------
+
+    def claim(self, kind: Kind, name: str, version: str) -> bool:
+        """Take the number `version` for `name`; False when another publisher has it."""
+        try:
+            self.store.write(f"{kind}/{name}/{CLAIMS_DIR}/{version}", b"", if_absent=True)
+        except PreconditionFailed:
+            return False
+        return True
+
+    def push_version(self, kind: Kind, name: str, version: str, folder: Path) -> None:
+        """Upload a claimed version: every file, then the manifest, which makes it visible."""
+        prefix = f"{kind}/{name}/{version}"
+        for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+            self.store.upload(f"{prefix}/{path.relative_to(folder).as_posix()}", path)
+        self.store.write(f"{prefix}/{MANIFEST}", (folder / MANIFEST).read_bytes(), if_absent=True)
+
+    def retire_version(self, kind: Kind, name: str, version: str) -> None:
+        """Unpublish: tombstone, then the manifest (now invisible), then the rest."""
+        prefix = f"{kind}/{name}/{version}"
+        self.store.write(f"{kind}/{name}/{RETIRED_DIR}/{version}", b"")
+        self.store.delete(f"{prefix}/{MANIFEST}")
+        for item in list(self.store.list(f"{prefix}/")):
+            self.store.delete(item.key)
+
+    def push_policy(self, kind: Kind, name: str, path: Path) -> None:
+        self.store.write(f"{kind}/{name}/{POLICY}", path.read_bytes())
+
+    @contextmanager
+    def editing_aliases(self, kind: Kind, name: str) -> Iterator[Path]:
+        """Hold the entry's lock, pull aliases.json fresh into the mirror, yield its path; on success write it
+        back, replacing only what was read."""
+        with self._lock(kind, name):
+            local = self.mirror / kind / name / ALIASES
+            etag = self._pull_file(f"{kind}/{name}/{ALIASES}", local)
+            yield local
+            data = local.read_bytes()
+            if etag is None:
+                self.store.write(f"{kind}/{name}/{ALIASES}", data, if_absent=True)
+            else:
+                self.store.write(f"{kind}/{name}/{ALIASES}", data, if_etag=etag)
+
+    @contextmanager
+    def _lock(self, kind: Kind, name: str) -> Iterator[None]:
+        key = f"{kind}/{name}/{LOCK}"
+        body = json.dumps({"at": time.time(), "pid": os.getpid()}).encode()
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                self.store.write(key, body, if_absent=True)
+                break
+            except PreconditionFailed:
+                held = self.store.read(key)
+                if held is not None and _lock_age(held[0]) > LOCK_STALE_S:
+                    try:  # a killed holder's: take it over, unless someone else just did
+                        self.store.write(key, body, if_etag=held[1])
+                        break
+                    except PreconditionFailed:
+                        pass
+                if time.monotonic() > deadline:
+                    raise RegistryError(
+                        f"{self.uri}/{key} is held by another process for over {LOCK_TIMEOUT_S}s"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            held = self.store.read(key)
+            if held is not None and held[0] == body:
+                self.store.delete(key)
+
+
+def _lock_age(body: bytes) -> float:
+    try:
+        return time.time() - float(json.loads(body)["at"])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -15,23 +15,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from lorafleet.errors import LorafleetError
 from lorafleet.names import NAME_RULE, is_valid_name
 from lorafleet.paths import default_storage_uri
+from lorafleet.registry.folders import CLAIMS_DIR, KINDS, RETIRED_DIR, VERSION_PATTERN, Kind
 from lorafleet.storage import StorageRoot
 
 if TYPE_CHECKING:
     from lorafleet.registry.remote import RemoteRegistry
 
-Kind = Literal["adapters", "models"]
-KINDS: tuple[Kind, ...] = ("adapters", "models")
 LATEST = "latest"
-VERSION_PATTERN = re.compile(r"^v([1-9][0-9]{0,8})$")
 ALIAS_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-RETIRED_DIR = ".retired"
-CLAIMS_DIR = ".claims"  # object stores: numbers taken by publishes (finished or not)
 STAGING_PREFIX = ".staging-"
 
 

@@ -299,19 +299,21 @@ def _claim_version(registry: Registry, kind: Kind, name: str, staging: Path, fie
         number = max(registry.next_number(name, kind), floor)
         manifest = Manifest(name=name, version=f"v{number}", created_at=utc_now(), **fields)
         _write_synced(staging / MANIFEST, manifest.to_json())  # staging is private: no need for a temp name
-        if registry.remote is not None and not registry.remote.claim(kind, name, manifest.version):
-            floor = number + 1  # another publisher won this number on the object store
-            continue
+        if registry.remote is not None:  # the object store first: the mirror only ever holds visible versions
+            if not registry.remote.claim(kind, name, manifest.version):
+                floor = number + 1  # another publisher won this number on the object store
+                continue
+            registry.remote.push_version(kind, name, manifest.version, staging)  # visible once its manifest is
         try:
             os.rename(staging, name_dir / manifest.version)
         except OSError as exc:
             if exc.errno not in TAKEN_ERRNOS:
                 raise
+            if registry.remote is not None:
+                return manifest  # a reader on this machine already fetched it into the mirror
             floor = number + 1  # another publisher won this number
             continue
         fsync_dir(name_dir)
-        if registry.remote is not None:  # visible there once its manifest, written last, is
-            registry.remote.push_version(kind, name, manifest.version, name_dir / manifest.version)
         return manifest
     raise RegistryError(f"could not claim a version for {name} after {MAX_CLAIM_ATTEMPTS} attempts")
 

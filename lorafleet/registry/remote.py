@@ -9,8 +9,9 @@ renames, and read through a verified local mirror.
 
 A version is visible only once its manifest exists, so a publish killed at any point leaves nothing a reader
 lists or serves (its claim keeps the number from being reused). Readers work on a local mirror
-(`$LORAFLEET_HOME/object-registries/<bucket>/<prefix>`): visible versions are downloaded once (they never
-change) and checked against their manifests' sha256 by the same code as a local registry before any use.
+(`$LORAFLEET_HOME/object-registries/<bucket>/<prefix>`) that holds visible versions only: each is downloaded
+once (versions never change) and checked against its manifest's sha256 by the same code as a local registry
+before any use.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lorafleet.object_store import ObjectFolder, PreconditionFailed, S3Location
+from lorafleet.names import is_valid_name
+from lorafleet.object_store import ObjectFolder, PreconditionFailed, S3Location, StorageError
 from lorafleet.paths import home
-from lorafleet.registry.layout import CLAIMS_DIR, KINDS, RETIRED_DIR, VERSION_PATTERN, Kind, RegistryError
+from lorafleet.registry.folders import CLAIMS_DIR, KINDS, RETIRED_DIR, VERSION_PATTERN, Kind
 from lorafleet.storage import install_dir_atomic, write_bytes_atomic
 
 ALIASES = "aliases.json"
@@ -70,13 +72,13 @@ class RemoteRegistry:
                 parts = item.key.split("/")
                 if len(parts) >= 3 and parts[1]:
                     entries[(kind, parts[1])][parts[2]].append(("/".join(parts[3:]), item))
-        for kind in KINDS:
+        for kind in KINDS:  # names only the mirror has (all removed remotely) are emptied, not deleted
             local_kind = self.mirror / kind
-            for stale in [p for p in local_kind.iterdir() if p.is_dir()] if local_kind.is_dir() else []:
-                if (kind, stale.name) not in entries:
-                    shutil.rmtree(stale, ignore_errors=True)
+            for local in [p for p in local_kind.iterdir() if p.is_dir()] if local_kind.is_dir() else []:
+                entries.setdefault((kind, local.name), defaultdict(list))
         for (kind, name), children in entries.items():
-            self._pull_entry(kind, name, children, refetch=refetch)
+            if is_valid_name(name):  # a key shaped otherwise ('..', hidden) is not an entry of the registry
+                self._pull_entry(kind, name, children, refetch=refetch)
 
     def _pull_entry(self, kind: str, name: str, children: dict[str, list], *, refetch: bool) -> None:
         local = self.mirror / kind / name
@@ -88,9 +90,14 @@ class RemoteRegistry:
         for version in sorted(visible):
             if refetch or not (local / version).is_dir():
                 self._fetch_version(kind, name, version, [rel for rel, _ in children[version] if rel])
+        claimed = {version for version, _ in children.get(CLAIMS_DIR, [])}
+        retired = {version for version, _ in children.get(RETIRED_DIR, [])}
         for entry in local.iterdir():
-            if VERSION_PATTERN.fullmatch(entry.name) and entry.name not in visible:
-                shutil.rmtree(entry, ignore_errors=True)  # unpublished (or never complete) remotely
+            # Gone from the store: unpublished (a tombstone), or deleted by hand (no claim). A claimed version not
+            # visible in this listing was just published from this machine, after the listing was taken.
+            gone = entry.name in retired or entry.name not in claimed
+            if VERSION_PATTERN.fullmatch(entry.name) and entry.name not in visible and gone:
+                shutil.rmtree(entry, ignore_errors=True)
         for marker_dir in (CLAIMS_DIR, RETIRED_DIR):
             for version, _ in children.get(marker_dir, []):
                 if VERSION_PATTERN.fullmatch(version) and not (local / marker_dir / version).exists():
@@ -177,7 +184,7 @@ class RemoteRegistry:
                     except PreconditionFailed:
                         pass
                 if time.monotonic() > deadline:
-                    raise RegistryError(
+                    raise StorageError(
                         f"{self.uri}/{key} is held by another process for over {LOCK_TIMEOUT_S}s"
                     ) from None
                 time.sleep(0.2)

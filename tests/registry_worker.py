@@ -5,14 +5,19 @@
     many N STORAGE NAME ADAPTER_DIR            # N children released at the same instant → N "done ..." lines
 
 Imports happen once here, so each child is only the publish itself: kills land inside the publish window.
+Tests drive it through `ForkServer`.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
+
+import peft  # noqa: F401 - publish imports it on first use; here once, not in every child
+import safetensors.torch  # noqa: F401 - the same: weights are checked with it
 
 from lorafleet.registry import publish_adapter
 
@@ -60,6 +65,33 @@ def main() -> None:
             os.close(gate_read)
             os.close(gate_write)
             _reap(children)
+
+
+class ForkServer:
+    """This file run as a process: it imports once, then publishes in forked children a test can SIGKILL or race.
+    `env` is added to the environment (an object store's endpoint and keys)."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        repo = Path(__file__).resolve().parents[1]
+        environment = {**os.environ, "PYTHONPATH": str(repo), **(env or {})}
+        command = [sys.executable, __file__]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                        env=environment)  # fmt: skip
+
+    def send(self, *words: object) -> None:
+        self.process.stdin.write(" ".join(map(str, words)) + "\n")
+        self.process.stdin.flush()
+
+    def expect(self, prefix: str) -> list[str]:
+        """The next line starting with `prefix` (children's own `published` lines are skipped)."""
+        while line := self.process.stdout.readline():
+            if line.startswith(prefix):
+                return line.split()[1:]
+        raise AssertionError(f"worker exited before printing {prefix!r}")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -39,10 +37,10 @@ from lorafleet.registry import (
     verify,
 )
 from lorafleet.runs import RunFolder, RunRecord
-from tests.helpers import REPO, run_cli
+from tests.helpers import run_cli
+from tests.registry_worker import ForkServer
 
 BASE = "builtin:tiny-llama"
-WORKER = REPO / "tests" / "registry_worker.py"
 ADAPTER_SPECS = {
     "a": {"seed": 1, "r": 8},
     "b": {"seed": 2, "r": 8},
@@ -218,30 +216,6 @@ def test_publish_merged_model(storage, tiny_model_dir):
 
 
 # -- crash safety and concurrency ----------------------------------------------------------------------------
-
-
-class ForkServer:
-    """tests/registry_worker.py: imports once, then publishes in forked children we can SIGKILL or race."""
-
-    def __init__(self) -> None:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        command = [sys.executable, str(WORKER)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-
-    def send(self, *words: object) -> None:
-        self.process.stdin.write(" ".join(map(str, words)) + "\n")
-        self.process.stdin.flush()
-
-    def expect(self, prefix: str) -> list[str]:
-        """The next line starting with `prefix` (children's own `published` lines are skipped)."""
-        while line := self.process.stdout.readline():
-            if line.startswith(prefix):
-                return line.split()[1:]
-        raise AssertionError(f"worker exited before printing {prefix!r}")
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture

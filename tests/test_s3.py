@@ -5,9 +5,9 @@ server, an emulator of the S3 API and its access checks, not AWS), through the r
   naming the URI, before any work;
 - the loop: train on 2 workers -> a worker SIGKILLed, the group resumes from its checkpoint on S3 -> eval ->
   publish -> promote -> `serve --storage s3://` answers -> a new version is published and promoted, and `sync`
-  switches the server to it;
-- publishes SIGKILLed at random points of their S3 writes: `registry verify` passes, and no version without its
-  manifest is ever listed or resolved.
+  switches the server to it; `merge` uploads merged/ and `publish --merged` takes it from there;
+- publishes SIGKILLed at random points of their S3 writes (20 trials): `registry verify` passes, and no version
+  without its manifest is ever listed or resolved.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ import openai
 import psutil
 import pytest
 
-from lorafleet.registry import list_entries
+from lorafleet.registry import NotFound, list_entries, resolve
+from lorafleet.runs import copy_of_run
 from lorafleet.serving.client import ServingClient
 from tests.helpers import CONFIGS, REPO, run_cli
+from tests.registry_worker import ForkServer
 from tests.run_watch import run, train_workers
 from tests.s3_server import S3Server, free_port, start_s3_server
 
@@ -211,6 +213,20 @@ def test_eval_publish_promote_serve_and_sync_from_s3(s3: S3Server, home: Path, s
         log.close()
 
 
+@pytest.mark.slow
+def test_merge_uploads_the_merged_model_and_publish_merged_reads_it(s3: S3Server, home: Path, storage: str,
+                                                                     trained: dict) -> None:  # fmt: skip
+    merged = cli(s3, home, "merge", RUN_ID, "--storage", storage, "--dtype", "fp32")
+    assert merged.returncode == 0, merged.stderr[-3000:]
+    keys = s3.keys_under(f"{trained['run_key']}/merged/")
+    assert f"{trained['run_key']}/merged/config.json" in keys and f"{trained['run_key']}/merged/.complete" in keys
+    assert any(key.endswith(".safetensors") for key in keys)
+    published = cli(s3, home, "publish", RUN_ID, "--merged", "--name", "price-merged", "--storage", storage)
+    assert published.returncode == 0 and "models/price-merged@v1" in published.stdout, published.stderr
+    manifest = s3_json(s3, "loop/models/price-merged/v1/manifest.json")
+    assert manifest["kind"] == "model" and manifest["run_id"] == RUN_ID and "config.json" in manifest["files"]
+
+
 # ---- killed publishes ----------------------------------------------------------------------------------
 
 
@@ -230,40 +246,52 @@ def in_process(s3: S3Server, home: Path, monkeypatch):
 @pytest.mark.usefixtures("in_process")
 def test_publishes_killed_at_random_points_leave_no_partial_version(s3: S3Server, home: Path, storage: str,
                                                                     trained: dict) -> None:  # fmt: skip
+    """Publishes run in children of a warm fork server (imports done once) and are killed at a random moment of the
+    measured publish window, or (every other trial) just after their claim appears: in the uploads, before or
+    after the manifest, in the aliases' write."""
+    adapter = copy_of_run(f"{storage}/runs/{RUN_ID}") / "adapter"
+    server = ForkServer(env={**s3.env(), "LORAFLEET_HOME": str(home)})
     chance = random.Random(26)
-    command = [sys.executable, "-c", "from lorafleet.cli import main; main()", "publish", RUN_ID, "--name",
-               "killed", "--storage", storage]  # fmt: skip
-    env = {**os.environ, **s3.env(), "LORAFLEET_HOME": str(home)}
-    claims_prefix = "loop/adapters/killed/.claims/"
-    outcomes = []
-    for trial in range(12):
-        claims_before = len(s3.keys_under(claims_prefix))
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # Most kills land inside the S3 writes (after the claim: uploads, manifest, aliases); some before them.
-        after_claim = trial % 4 != 0
-        delay = chance.uniform(0, 0.03) if trial % 2 else chance.uniform(0, 0.3)  # uploads take tens of ms here
-        deadline = time.monotonic() + 120
-        while after_claim and process.poll() is None and time.monotonic() < deadline:
-            if len(s3.keys_under(claims_prefix)) > claims_before:
-                break
-            time.sleep(0.005)
-        time.sleep(delay if after_claim else chance.uniform(1.0, 4.0))
-        process.send_signal(signal.SIGKILL)
-        outcomes.append(process.wait())
-        keys = s3.keys_under("loop/adapters/killed/")
-        complete = {k.split("/")[3] for k in keys if k.endswith("/manifest.json")}
-        listed = {version for entry in list_entries(storage, "killed") for version in entry.versions}
-        assert listed == complete, (trial, listed, complete, keys)  # a version without its manifest is never listed
-    claimed = {k.split("/")[-1] for k in s3.keys_under(claims_prefix)}
+    try:
+        durations = []
+        for _ in range(2):  # uninterrupted publishes measure the window the kills aim at
+            server.send("one", storage, "killed", adapter)
+            durations.append(float(server.expect("done")[2]))
+        window = max(durations) * 1.2
+        codes = []
+        for trial in range(20):
+            claims_before = len(s3.keys_under("loop/adapters/killed/.claims/"))
+            server.send("one", storage, "killed", adapter)
+            pid = int(server.expect("started")[0])
+            if trial % 2:  # the writes after the claim are a sliver of the window: aim half of the kills there
+                deadline = time.monotonic() + 60  # a child that finishes has claimed: the loop ends either way
+                while len(s3.keys_under("loop/adapters/killed/.claims/")) == claims_before:
+                    assert time.monotonic() < deadline, "the publish never claimed a version"
+                    time.sleep(0.002)
+                time.sleep(chance.uniform(0, 0.05))
+            else:
+                time.sleep(chance.uniform(0, window))
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it finished first
+            codes.append(int(server.expect("done")[1]))
+            keys = s3.keys_under("loop/adapters/killed/")
+            complete = {key.split("/")[3] for key in keys if key.endswith("/manifest.json")}
+            listed = {version for entry in list_entries(storage, "killed") for version in entry.versions}
+            assert listed == complete, (trial, listed, complete)  # a version without its manifest is never listed
+    finally:
+        server.close()
+    claimed = {key.split("/")[-1] for key in s3.keys_under("loop/adapters/killed/.claims/")}
     visible = {k.split("/")[3] for k in s3.keys_under("loop/adapters/killed/v") if k.endswith("/manifest.json")}
-    print(f"killed publishes: {outcomes}; claimed {sorted(claimed)}, visible {sorted(visible)}")
-    assert sum(code == -signal.SIGKILL for code in outcomes) >= 10, outcomes
-    assert claimed - visible, "no kill landed between a claim and its manifest"
+    assert codes.count(-signal.SIGKILL) >= 10, (codes, f"window {window:.3f}s")
+    assert claimed - visible, f"no kill landed between a claim and its manifest: {codes}"
     verified = cli(s3, home, "registry", "verify", "--storage", storage, timeout=300)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    partial = {k.split("/")[3] for k in s3.keys_under("loop/adapters/killed/v")} - {
-        k.split("/")[3] for k in s3.keys_under("loop/adapters/killed/v") if k.endswith("/manifest.json")
-    }
-    for version in sorted(partial):  # left by a kill mid-upload: never resolvable
-        resolved = cli(s3, home, "registry", "resolve", f"killed@{version}", "--storage", storage, timeout=120)
-        assert resolved.returncode != 0 and "does not exist" in resolved.stderr, resolved.stderr
+    for version in sorted(claimed - visible):  # claimed, maybe partly uploaded, never visible: never resolved
+        with pytest.raises(NotFound):
+            resolve(storage, f"killed@{version}")
+    for version in sorted(visible):
+        assert resolve(storage, f"killed@{version}").manifest.version == version
+    after = cli(s3, home, "publish", RUN_ID, "--name", "killed", "--storage", storage)  # leftovers are no obstacle
+    assert after.returncode == 0 and f"killed@v{len(claimed) + 1}" in after.stdout, after.stdout + after.stderr

@@ -11,6 +11,8 @@ between claiming its version and updating this file still leaves `latest` right.
 from __future__ import annotations
 
 import os
+import random
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
@@ -18,6 +20,7 @@ from typing import Any, Literal
 import filelock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from lorafleet.object_store import PreconditionFailed
 from lorafleet.registry.layout import LATEST, Kind, Registry, RegistryError
 from lorafleet.registry.manifest import user_at_host, utc_now
 from lorafleet.storage import write_text_atomic
@@ -25,6 +28,7 @@ from lorafleet.storage import write_text_atomic
 ALIASES_FILE = "aliases.json"
 LOCK_FILE = ".aliases.lock"
 LOCK_TIMEOUT_S = 120
+REFRESH_ATTEMPTS = 20
 
 
 class AliasEvent(BaseModel):
@@ -126,9 +130,19 @@ def _remote_side(registry: Registry, name: str, kind: Kind):
 
 
 def refresh_latest(registry: Registry, name: str, kind: Kind, *, action: str = "publish") -> str | None:
-    """Move `latest` to the newest visible version (called after every publish and unpublish)."""
-    with editing_aliases(registry, name, kind) as state:
-        newest = registry.latest(name, kind)
-        if state.aliases.get(LATEST) != newest:
-            state.record(action, LATEST, newest)
-    return newest
+    """Move `latest` to the newest visible version (called after every publish and unpublish). On an object
+    store a concurrent edit makes the conditional write lose; this edit is safe to redo, so it is redone."""
+    for attempt in range(REFRESH_ATTEMPTS):
+        try:
+            with editing_aliases(registry, name, kind) as state:
+                newest = registry.latest(name, kind)
+                if state.aliases.get(LATEST) != newest:
+                    state.record(action, LATEST, newest)
+            return newest
+        except PreconditionFailed:
+            if attempt == REFRESH_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0.01, 0.1) * (attempt + 1))
+            if registry.remote is not None:
+                registry.remote.pull()  # versions published meanwhile
+    return None

@@ -4,7 +4,6 @@ renames, and read through a verified local mirror.
     <prefix>/adapters/<name>/v<N>/...             the version's files; manifest.json is written LAST
     <prefix>/adapters/<name>/.claims/v<N>         the number, claimed by a create-if-absent write
     <prefix>/adapters/<name>/aliases.json         replaced only if unchanged since read (If-Match)
-    <prefix>/adapters/<name>/.aliases.lock        held while aliases are edited (create-if-absent)
     <prefix>/adapters/<name>/policy.yaml, .retired/v<N>
 
 A version is visible only once its manifest exists, so a publish killed at any point leaves nothing a reader
@@ -16,18 +15,15 @@ before any use.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lorafleet.names import is_valid_name
-from lorafleet.object_store import ObjectFolder, PreconditionFailed, S3Location, StorageError
+from lorafleet.object_store import ObjectFolder, PreconditionFailed, S3Location
 from lorafleet.paths import home
 from lorafleet.registry.folders import CLAIMS_DIR, KINDS, RETIRED_DIR, VERSION_PATTERN, Kind
 from lorafleet.storage import install_dir_atomic, write_bytes_atomic
@@ -35,9 +31,6 @@ from lorafleet.storage import install_dir_atomic, write_bytes_atomic
 ALIASES = "aliases.json"
 POLICY = "policy.yaml"
 MANIFEST = "manifest.json"
-LOCK = ".aliases.lock"
-LOCK_TIMEOUT_S = 120
-LOCK_STALE_S = 30  # an aliases edit takes well under a second; a lock this old belongs to a killed process
 
 
 def mirror_path(location: S3Location) -> Path:
@@ -154,50 +147,18 @@ class RemoteRegistry:
 
     @contextmanager
     def editing_aliases(self, kind: Kind, name: str) -> Iterator[Path]:
-        """Hold the entry's lock, pull aliases.json fresh into the mirror, yield its path; on success write it
-        back, replacing only what was read."""
-        with self._lock(kind, name):
-            local = self.mirror / kind / name / ALIASES
-            etag = self._pull_file(f"{kind}/{name}/{ALIASES}", local)
-            yield local
-            data = local.read_bytes()
-            if etag is None:
-                self.store.write(f"{kind}/{name}/{ALIASES}", data, if_absent=True)
-            else:
-                self.store.write(f"{kind}/{name}/{ALIASES}", data, if_etag=etag)
-
-    @contextmanager
-    def _lock(self, kind: Kind, name: str) -> Iterator[None]:
-        key = f"{kind}/{name}/{LOCK}"
-        body = json.dumps({"at": time.time(), "pid": os.getpid()}).encode()
-        deadline = time.monotonic() + LOCK_TIMEOUT_S
-        while True:
-            try:
-                self.store.write(key, body, if_absent=True)
-                break
-            except PreconditionFailed:
-                held = self.store.read(key)
-                if held is not None and _lock_age(held[0]) > LOCK_STALE_S:
-                    try:  # a killed holder's: take it over, unless someone else just did
-                        self.store.write(key, body, if_etag=held[1])
-                        break
-                    except PreconditionFailed:
-                        pass
-                if time.monotonic() > deadline:
-                    raise StorageError(
-                        f"{self.uri}/{key} is held by another process for over {LOCK_TIMEOUT_S}s"
-                    ) from None
-                time.sleep(0.2)
+        """Pull aliases.json fresh into the mirror and yield its path; on success write it back only if the store's
+        copy is still the one read (If-Match; If-None-Match when there was none). Losing that race raises
+        PreconditionFailed and writes nothing: no lock, so a killed editor never holds anyone up."""
+        local = self.mirror / kind / name / ALIASES
+        key = f"{kind}/{name}/{ALIASES}"
+        etag = self._pull_file(key, local)
+        yield local
         try:
-            yield
-        finally:
-            held = self.store.read(key)
-            if held is not None and held[0] == body:
-                self.store.delete(key)
-
-
-def _lock_age(body: bytes) -> float:
-    try:
-        return time.time() - float(json.loads(body)["at"])
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
+            self.store.write(key, local.read_bytes(), if_absent=etag is None, if_etag=etag)
+        except PreconditionFailed:
+            self._pull_file(key, local)  # the mirror goes back to what the store holds
+            raise PreconditionFailed(
+                f"{self.uri}/{key} changed while this edit was made (another promote or publish): nothing was "
+                "written; run it again"
+            ) from None

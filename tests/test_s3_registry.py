@@ -3,7 +3,8 @@ of the S3 API, not AWS; tests/s3_server.py). The whole loop through the CLI is i
 
 Concurrent publishers get distinct versions; unpublish never frees a number; a policy set from one machine gates
 promotions made from another (a second, empty mirror); a file changed on the store after publishing is caught
-by `verify` and refused by `resolve`; compose reads and writes the object store.
+by `verify` and refused by `resolve`; compose reads and writes the object store; of two interleaved alias edits
+from two machines the second loses the conditional write and changes nothing.
 """
 
 from __future__ import annotations
@@ -98,3 +99,23 @@ def test_compose_reads_its_parents_from_and_publishes_to_the_store(on_s3: str, s
     prefix = on_s3.split("/", 3)[3]
     assert f"{prefix}/adapters/both/v1/manifest.json" in s3.keys_under(f"{prefix}/adapters/both/")
     assert resolve(on_s3, "both").manifest.files == composed.manifest.files
+
+
+def test_of_two_interleaved_alias_edits_the_second_writer_loses_and_writes_nothing(on_s3: str, s3, adapters, tmp_path):
+    """Two machines (two mirrors) read aliases.json, both change it; the first write wins, the second is refused
+    by the store (If-Match) and changes nothing, and a promote that loses says to run it again."""
+    from lorafleet.object_store import PreconditionFailed
+    from lorafleet.registry.remote import RemoteRegistry
+
+    publish_adapter(on_s3, "raced", adapters["a"])
+    first, second = RemoteRegistry(on_s3), RemoteRegistry(on_s3)
+    first.mirror, second.mirror = tmp_path / "machine-1", tmp_path / "machine-2"
+    with pytest.raises(PreconditionFailed, match="run it again"):
+        with first.editing_aliases("adapters", "raced") as mine:
+            with second.editing_aliases("adapters", "raced") as theirs:
+                theirs.write_text('{"aliases": {"prod": "v1"}, "history": []}')
+            mine.write_text('{"aliases": {"canary": "v1"}, "history": []}')
+    key = f"{on_s3.split('/', 3)[3]}/adapters/raced/aliases.json"
+    stored = s3.client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+    assert b'"prod"' in stored and b"canary" not in stored
+    assert b"canary" not in (first.mirror / "adapters" / "raced" / "aliases.json").read_bytes()  # back in step

@@ -25,6 +25,7 @@ CONNECT_TIMEOUT_S = 5
 READ_TIMEOUT_S = 60
 ATTEMPTS = 3
 DEFAULT_REGION = "us-east-1"
+MAX_READ_BYTES = 16 << 20  # objects read whole into memory (records, aliases, policies)
 
 
 class StorageError(LorafleetError):
@@ -165,7 +166,8 @@ class ObjectFolder:
             raise
 
     def read(self, name: str) -> tuple[bytes, str] | None:
-        """(content, etag), or None when there is no such object."""
+        """(content, etag) of a small object (a record, aliases, a policy: ≤ 16 MiB, read whole), or None when there
+        is no such object."""
         from botocore.exceptions import ClientError
 
         try:
@@ -176,6 +178,9 @@ class ObjectFolder:
             raise explain(exc, f"{self.uri}/{name}", "read it") from None
         except Exception as exc:
             raise explain(exc, f"{self.uri}/{name}", "read it") from None
+        if int(answer.get("ContentLength", 0)) > MAX_READ_BYTES:
+            answer["Body"].close()
+            raise StorageError(f"{self.uri}/{name}: larger than {MAX_READ_BYTES >> 20} MiB, not a file lorafleet wrote")
         return answer["Body"].read(), answer["ETag"]
 
     def write(self, name: str, data: bytes, *, if_absent: bool = False, if_etag: str | None = None) -> str:

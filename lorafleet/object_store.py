@@ -113,10 +113,15 @@ def call(uri: str, doing: str, function, /, **kwargs):
         return getattr(client(), function)(**kwargs)
     except LorafleetError:
         raise
-    except Exception as exc:  # botocore's errors, explained; anything else is a bug and keeps its traceback
-        if type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
+    except Exception as exc:
+        if is_store_error(exc):
             raise explain(exc, uri, doing) from None
         raise
+
+
+def is_store_error(error: Exception) -> bool:
+    """An error of the store or the way to it (explained to the user); anything else is a bug, traceback kept."""
+    return type(error).__module__.startswith(("botocore", "boto3", "urllib3"))
 
 
 def check_writable(uri: str) -> None:
@@ -161,7 +166,7 @@ class ObjectFolder:
                         continue  # a folder marker (pyarrow writes them), not an object of the folder
                     yield StoredObject(item["Key"][len(base) :], int(item["Size"]), item["ETag"])
         except Exception as exc:
-            if type(exc).__module__.startswith(("botocore", "urllib3")):
+            if is_store_error(exc):
                 raise explain(exc, self.uri, "list it") from None
             raise
 
@@ -197,6 +202,12 @@ class ObjectFolder:
         with open(path, "rb") as handle:
             call(f"{self.uri}/{name}", "upload it", "upload_fileobj", Fileobj=handle, Bucket=self.location.bucket,
                  Key=self._key(name))  # fmt: skip
+
+    def download_into(self, name: str, folder: Path) -> None:
+        """Download object `name` to `folder/name`; a name that would land outside `folder` is not fetched."""
+        path = folder / name
+        if path.resolve().is_relative_to(folder.resolve()):
+            self.download(name, path)
 
     def download(self, name: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -225,12 +225,10 @@ def copy_of_run(uri: str) -> Path:
         top = item.key.split("/")[0]
         if top == CHECKPOINTS_DIR or (top in (ADAPTER_DIR, MERGED_DIR) and top not in complete):
             continue
-        path = target / item.key
-        if not path.resolve().is_relative_to(target.resolve()):
-            continue
-        if top == MERGED_DIR and path.is_file() and path.stat().st_size == item.size:
+        fetched = target / item.key
+        if top == MERGED_DIR and fetched.is_file() and fetched.stat().st_size == item.size:
             continue  # a merged model is written once; its large files are not fetched again
-        store.download(item.key, path)
+        store.download_into(item.key, target)
     (target / ORIGIN_FILE).write_text(uri + "\n")
     return target
 

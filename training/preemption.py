@@ -67,6 +67,8 @@ SIGTERM = SigtermFlag()
 
 
 def on_sigterm(grace_s: float) -> None:
+    """What the actor task runs: a module function, so the task installs on this module's SIGTERM (a bound method
+    would travel pickled, and install on a copy)."""
     SIGTERM.install(grace_s)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from lorafleet.errors import LorafleetError
 from lorafleet.names import NAME_RULE, is_valid_name
+from lorafleet.object_store import is_s3_uri
 from lorafleet.paths import default_storage_uri
 from lorafleet.registry.folders import CLAIMS_DIR, KINDS, RETIRED_DIR, VERSION_PATTERN, Kind
 from lorafleet.storage import StorageRoot
@@ -115,15 +116,17 @@ class Registry:
     remote: RemoteRegistry | None = field(default=None, compare=False)
 
     @classmethod
-    def open(cls, storage_uri: str | Path | None = None) -> Registry:
+    def open(cls, storage_uri: str | Path | None = None, *, refetch: bool = False) -> Registry:
+        """The registry at `storage_uri`; on an object store its mirror is brought up to date first (`refetch`:
+        every version downloaded again, to check what the store holds now)."""
         uri = str(storage_uri) if storage_uri else default_storage_uri()
         root = StorageRoot(uri)
-        if uri.startswith("s3://"):
+        if is_s3_uri(uri):
             from lorafleet.registry.remote import RemoteRegistry
 
             remote = RemoteRegistry(uri)
             remote.mirror.mkdir(parents=True, exist_ok=True)
-            remote.pull()
+            remote.pull(refetch=refetch)
             return cls(StorageRoot(str(remote.mirror)), remote)
         if not root.is_local:
             raise RegistryError(f"{uri}: the registry lives on a path (local, NFS, PVC, file://) or on s3://")
@@ -163,7 +166,10 @@ class Registry:
         found = [entry.name for entry in folder.iterdir() if VERSION_PATTERN.fullmatch(entry.name) and entry.is_dir()]
         return sorted(found, key=version_number)
 
-    def retired_versions(self, name: str, kind: Kind = "adapters", marker_dir: str = RETIRED_DIR) -> list[str]:
+    def retired_versions(self, name: str, kind: Kind = "adapters") -> list[str]:
+        return self._marked_versions(name, kind, RETIRED_DIR)
+
+    def _marked_versions(self, name: str, kind: Kind, marker_dir: str) -> list[str]:
         folder = self.name_dir(name, kind) / marker_dir
         if not folder.is_dir():
             return []
@@ -175,6 +181,6 @@ class Registry:
 
     def next_number(self, name: str, kind: Kind = "adapters") -> int:
         """One more than any version ever claimed (unpublished ones included: numbers are never reused)."""
-        taken = self.retired_versions(name, kind) + self.retired_versions(name, kind, CLAIMS_DIR)
+        taken = self.retired_versions(name, kind) + self._marked_versions(name, kind, CLAIMS_DIR)
         used = [version_number(v) for v in self.versions(name, kind) + taken]
         return max(used, default=0) + 1

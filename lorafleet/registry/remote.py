@@ -101,12 +101,10 @@ class RemoteRegistry:
     def _fetch_version(self, kind: str, name: str, version: str, files: list[str]) -> None:
         """Every object of the version, as it is, into the mirror (checked against the manifest at each use)."""
         self.mirror.mkdir(parents=True, exist_ok=True)
+        version_objects = ObjectFolder(self.location.child(kind, name, version))
         with tempfile.TemporaryDirectory(prefix=".fetch-", dir=self.mirror) as staging:
             for relative in files:
-                target = Path(staging, *relative.split("/"))
-                if not target.resolve().is_relative_to(Path(staging).resolve()):
-                    continue  # a key that would land outside the folder is not a file of the version
-                self.store.download(f"{kind}/{name}/{version}/{relative}", target)
+                version_objects.download_into(relative, Path(staging))
             install_dir_atomic(Path(staging), self.mirror / kind / name / version, replace=True)
 
     def _pull_file(self, key: str, path: Path) -> str | None:

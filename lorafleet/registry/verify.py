@@ -42,9 +42,7 @@ class VerifyReport:
 
 def verify(storage_uri: str | Path | None, name: str | None = None, *, kind: Kind | None = None) -> VerifyReport:
     """Check every visible version (of `name`, or of everything) against its manifest."""
-    registry = Registry.open(storage_uri)
-    if registry.remote is not None:
-        registry.remote.pull(refetch=True)  # what is checked is what the object store holds now
+    registry = Registry.open(storage_uri, refetch=True)  # an object store: check what it holds now
     report = VerifyReport()
     only = parse_reference(name).name if name else None
     kinds = [kind] if kind else list(KINDS)

@@ -1,4 +1,4 @@
-"""Model FLOPs of a LoRA training step, and this machine's own fp32 matmul rate: the two halves of MFU.
+"""Model FLOPs of a LoRA training step, and this machine's own matmul rate (fp32 or bf16): the two halves of MFU.
 
     from model_flops import matmul_rate, useful_flops_per_token    # bench/train_throughput.py reports MFU with them
     mfu = tokens_per_s * useful_flops_per_token(job) / matmul_rate(threads)
@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import time
 
-MATMUL_SIZE = 2048  # the machine's own fp32 matmul rate: a square matmul of this size, at the arms' threads
+MATMUL_SIZE = 2048  # the machine's own matmul rate: a square matmul of this size, at the arms' threads
 
 
-def matmul_rate(threads: int) -> float:
-    """fp32 FLOP/s of one square matmul at `threads` torch threads: the best of 5 after a warm-up."""
+def matmul_rate(threads: int, precision: str = "fp32") -> float:
+    """FLOP/s of one square matmul in `precision` (fp32, bf16) at `threads` torch threads: the best of 5."""
     import torch
 
     torch.set_num_threads(threads)
-    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype) for _ in range(2))
     torch.mm(a, b)
     best = float("inf")
     for _ in range(5):

@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_throughput.py --model builtin:smollm2-135m-instruct --data builtin:price-completion \
         --format completion --max-seq-len 160 --micro-batch 8 --top-layers 10 --steps 30   # the demo's settings
     .venv/bin/python bench/train_throughput.py --repeats 3   # on a busy machine: the median of 3 rounds
+    .venv/bin/python bench/train_throughput.py --precision fp32,bf16,auto --arms trl,lorafleet   # precisions
 
 Four arms, run one after another (`--repeats` rounds, the median of each arm is reported):
 - trl:             `trl.SFTTrainer` in a fresh process: TRL's default collator (pads to the longest example of
@@ -17,10 +18,13 @@ Four arms, run one after another (`--repeats` rounds, the median of each arm is 
 - lorafleet:       the same with lorafleet's default `training.logits: labelled` (the LM head and the loss only
                    at positions whose next token is a label; the same loss and gradients).
 - lorafleet+pack:  the same with `data.packing: true`.
+`--arms` picks some of them; every arm runs at every `--precision` (default fp32): `training.precision` of the
+job, and for TRL `bf16=True` (autocast over its fp32 model, TRL's own bf16) where the precision is or resolves to
+bf16 on this machine. `auto` is resolved by lorafleet's own check (`lorafleet.precision`), printed first.
 All arms train the same model and LoRA (r `--rank`, alpha 2 × r, dropout 0, all linear layers), on the same token ids
 and loss labels (lorafleet's data pipeline tokenizes `--data`; TRL gets the result as a pre-tokenized
 dataset), with the same micro batch, max_seq_len, optimizer, schedule, seed (so, unpacked, the same batches in
-the same order), precision (fp32) and torch threads.
+the same order), precision and torch threads.
 
 Timing, the same in every arm: both frameworks log every step, and each log event records the wall time and
 the trainer's count of non-padding input tokens (`include_num_input_tokens_seen="non_padding"`). lorafleet's are
@@ -30,7 +34,7 @@ own per-step logging are inside; process and Ray start-up, model loading, tokeni
 final checkpoint save are outside.
 
 Model FLOPs utilisation (MFU): useful tok/s x the FLOPs a token needs (bench/model_flops.py) over this machine's
-fp32 matmul rate at the same thread count, measured in the same run before the arms.
+matmul rate in the arm's precision (fp32 or bf16) at the same thread count, measured in the same run first.
 
 Useful tokens: non-padding tokens fed to the model, i.e. the tokens of real training examples (prompt and
 response; the loss is on the response). Padding, which packing removes, is not counted. Unpacked, lorafleet and
@@ -52,8 +56,10 @@ from pathlib import Path
 
 import yaml
 from model_flops import MATMUL_SIZE, matmul_rate, useful_flops_per_token  # bench/model_flops.py, beside this file
+from train_report import report  # bench/train_report.py
 
 from lorafleet.config import JobConfig
+from lorafleet.precision import resolve_precision
 from lorafleet.runs import RunFolder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +69,6 @@ os.environ.setdefault("LORAFLEET_HOME", str(REPO / ".cache" / "lorafleet"))
 
 ARMS = ("trl", "lorafleet-all-logits", "lorafleet", "lorafleet+pack")
 RAY_WORKER_NICENESS = 15  # Ray starts its workers at this niceness (RAY_worker_niceness); the TRL arm matches it
-GOALS = {"lorafleet": 1.3, "lorafleet+pack": 1.5}  # arm / trl
 ARM_SETTINGS = {  # --set overrides of each lorafleet arm
     "lorafleet-all-logits": ("data.packing=false", "training.logits=all"),
     "lorafleet": ("data.packing=false",),
@@ -87,14 +92,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=1000, help="data.max_rows of --data")
     parser.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha: 2 x rank), all linear layers")
     parser.add_argument("--top-layers", type=int, help="LoRA in the last N decoder layers only (adapter.top_layers)")
+    parser.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16, auto (every arm at each)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of: {', '.join(ARMS)}")
     parser.add_argument("--trl-arm", metavar="JOB_YAML", help=argparse.SUPPRESS)  # internal: run the TRL arm
     args = parser.parse_args()
     if not 1 <= args.warmup < args.steps - 1:
         parser.error("--warmup must be in [1, --steps - 1)")
+    args.precision, args.arms = args.precision.split(","), args.arms.split(",")
+    if not set(args.precision) <= {"fp32", "bf16", "auto"}:
+        parser.error("--precision: a comma-separated list of fp32, bf16 and auto")
+    if not set(args.arms) <= set(ARMS):
+        parser.error(f"--arms: a comma-separated list of {', '.join(ARMS)}")
     return args
 
 
-def job_config(args: argparse.Namespace, storage: Path) -> dict:
+def job_config(args: argparse.Namespace, storage: Path, precision: str = "fp32") -> dict:
     """The lorafleet job both arms train (the TRL arm reads its knobs from it)."""
     return {
         "name": "bench",
@@ -119,7 +131,7 @@ def job_config(args: argparse.Namespace, storage: Path) -> dict:
             "micro_batch_size": args.micro_batch,
             "learning_rate": 3e-4,
             "lr_scheduler": "constant",
-            "precision": "fp32",
+            "precision": precision,
             "logging_steps": 1,
             "seed": 42,
         },
@@ -213,7 +225,7 @@ def sft_config(job) -> object:
         learning_rate=training.learning_rate,
         lr_scheduler_type=training.lr_scheduler,
         max_length=job.data.max_seq_len,
-        bf16=False,  # TRL's default is bf16; lorafleet's job here is fp32
+        bf16=resolve_precision(training.precision).name == "bf16",  # the job's precision (TRL's default: bf16)
         gradient_checkpointing=False,  # TRL's default is on; lorafleet's is off
         logging_steps=training.logging_steps,
         save_strategy="no",
@@ -306,93 +318,34 @@ def main() -> None:
     resolve_model(args.model)  # built or converted once, outside every timed region
     if args.data.startswith("builtin:"):
         resolve_builtin_dataset(args.data)
-    peak = matmul_rate(args.threads)
-    print(f"fp32 matmul ({MATMUL_SIZE}³, {args.threads} thread(s)): {peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
+    resolved = {name: resolve_precision(name).name for name in args.precision}
+    print(resolve_precision("auto").describe(), file=sys.stderr)
+    peaks = {name: matmul_rate(args.threads, name) for name in set(resolved.values())}
+    for name, peak in peaks.items():
+        print(f"{name} matmul ({MATMUL_SIZE}³, {args.threads} thread(s)): {peak / 1e9:.1f} GFLOP/s", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         storage = Path(scratch) / "storage"
-        job_path = Path(scratch) / "job.yaml"
-        job_path.write_text(yaml.safe_dump(job_config(args, storage), sort_keys=False))
         flops_per_token = useful_flops_per_token(JobConfig.model_validate(job_config(args, storage)))
-        results: dict[str, list[dict]] = {arm: [] for arm in ARMS}
+        results: dict[tuple[str, str], list[dict]] = {(arm, p): [] for p in args.precision for arm in args.arms}
         for round_ in range(args.repeats):
-            for arm in ARMS:
-                print(f"round {round_ + 1}/{args.repeats}: {arm} ...", file=sys.stderr, flush=True)
-                if arm == "trl":
-                    out = Path(scratch) / f"trl-{round_}.json"
-                    result = run_trl_subprocess(job_path, out, warmup=args.warmup)
-                else:
-                    result = run_lorafleet(
-                        job_path,
-                        storage,
-                        settings=ARM_SETTINGS[arm],
-                        run_id=f"bench-{arm.replace('+', '-')}-{round_}",
-                        warmup=args.warmup,
-                    )
-                results[arm].append(result)
-                rate, timed, wall = result["tokens_per_s"], result["seconds"], result["wall_s"]
-                print(f"  {rate:,.0f} tok/s over {timed:.1f}s; {wall:.0f}s in all", file=sys.stderr, flush=True)
-    report(args, results, peak=peak, flops_per_token=flops_per_token)
+            for arm, precision in results:
+                job_path = Path(scratch) / f"job-{precision}.yaml"
+                job_path.write_text(yaml.safe_dump(job_config(args, storage, precision), sort_keys=False))
+                print(f"round {round_ + 1}/{args.repeats}: {arm} {precision} ...", file=sys.stderr, flush=True)
+                results[arm, precision].append(run_arm(arm, job_path, storage, Path(scratch), f"{precision}-{round_}",
+                                                       args.warmup))  # fmt: skip
+    report(args, results, peaks={p: peaks[resolved[p]] for p in args.precision}, flops_per_token=flops_per_token)
 
 
-def report(args: argparse.Namespace, results: dict[str, list[dict]], *, peak: float, flops_per_token: float) -> None:
-    def middle(runs: list[dict]) -> dict:  # the median round by tokens/s
-        return sorted(runs, key=lambda run: run["tokens_per_s"])[len(runs) // 2]
-
-    chosen = {arm: middle(runs) for arm, runs in results.items()}
-    unpacked, packed, trl = chosen["lorafleet"]["data"], chosen["lorafleet+pack"]["data"], chosen["trl"]
-    same_batches = chosen["lorafleet"]["step_tokens"] == trl["step_tokens"]
-    print(
-        f"model {args.model}, data {args.data} ({unpacked['examples']} examples, {unpacked['tokens']:,} tokens), "
-        f"micro batch {args.micro_batch}, max_seq_len {args.max_seq_len}, fp32, {args.threads} torch thread(s) "
-        f"per arm, {args.steps} steps of which the first {args.warmup} are not timed, {args.repeats} round(s)"
-    )
-    print(
-        f"unpacked batches: {trl['padding_share']:.1%} padding (TRL's collator, longest in batch); lorafleet and TRL "
-        f"saw the same tokens in every timed step: {'yes' if same_batches else 'NO'}"
-    )
-    print(
-        f"packed: {packed['sequences']} sequences from {packed['examples']} examples, "
-        f"{packed['packing_efficiency']:.1%} of their max_seq_len slots hold tokens\n"
-    )
-    header = (
-        f"{'arm':<22}{'useful tok/s':>13}{'median step':>13}{'MFU':>7}{'s/step':>8}{'tok/step':>10}"
-        f"{'timed s':>9}{'wall s':>8}{'loss':>8}"
-    )
-    print(header)
-    print("-" * len(header))
-    for arm, run in chosen.items():
-        mfu = run["tokens_per_s"] * flops_per_token / peak
-        print(
-            f"{arm:<22}{run['tokens_per_s']:>13,.0f}{run['step_tokens_per_s']:>13,.0f}{mfu:>7.1%}"
-            f"{run['seconds'] / run['steps']:>8.3f}{run['tokens'] / run['steps']:>10,.0f}"
-            f"{run['seconds']:>9.1f}{run['wall_s']:>8.1f}{run['final_loss']:>8.3f}"
-        )
-    print(
-        f"\nMFU = useful tok/s x {flops_per_token / 1e6:,.0f} MFLOP per token (what the loss and the LoRA gradients"
-        f"\n  need, from the model's shapes) / {peak / 1e9:.1f} GFLOP/s (fp32 {MATMUL_SIZE}^3 matmul, {args.threads}"
-        " thread(s), measured in this run)"
-    )
-    warmup, steps = args.warmup, args.steps
-    print(
-        "\nuseful tokens = non-padding input tokens: the prompt and response tokens of real examples (the loss is on"
-        "\n  the responses); padding is not counted. useful tok/s = useful tokens / timed s; median step = the"
-        "\n  median of the steps' own rates (less moved by other processes' bursts on a shared machine)."
-        f"\ntimed s = from the log event of step {warmup} to that of step {steps}: data loading, forward, backward,"
-        f"\n  optimizer and per-step logging; NOT process or Ray start-up, model loading, tokenization, the {warmup}"
-        "\n  warm-up steps or the final checkpoint save (wall s, the whole process, includes them).\n"
-    )
-    for arm in ARMS[1:]:
-        ratio = chosen[arm]["tokens_per_s"] / trl["tokens_per_s"]
-        step_ratio = chosen[arm]["step_tokens_per_s"] / trl["step_tokens_per_s"]
-        what = "useful tokens/s" if arm.endswith("+pack") else "tokens/s"
-        goal = GOALS.get(arm)
-        verdict = "" if goal is None else f"; goal >= {goal:.1f}x: {'met' if ratio >= goal else 'MISSED'}"
-        print(f"{arm} / trl {what}: {ratio:.2f}x (median step: {step_ratio:.2f}x){verdict}")
-    ceiling = 1 / (1 - trl["padding_share"])
-    print(
-        f"  (packing saves at most the padding: {trl['padding_share']:.1%} of TRL's unpacked token slots here, i.e. "
-        f"{ceiling:.2f}x fewer slots; more only from fewer, fuller steps)"
-    )
+def run_arm(arm: str, job_path: Path, storage: Path, scratch: Path, tag: str, warmup: int) -> dict:
+    if arm == "trl":
+        result = run_trl_subprocess(job_path, scratch / f"trl-{tag}.json", warmup=warmup)
+    else:
+        run_id = f"bench-{arm.replace('+', '-')}-{tag}"
+        result = run_lorafleet(job_path, storage, settings=ARM_SETTINGS[arm], run_id=run_id, warmup=warmup)
+    rate, timed, wall = result["tokens_per_s"], result["seconds"], result["wall_s"]
+    print(f"  {rate:,.0f} tok/s over {timed:.1f}s; {wall:.0f}s in all", file=sys.stderr, flush=True)
+    return result
 
 
 if __name__ == "__main__":

@@ -117,9 +117,11 @@ class TrainingSection(Section):
     warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (instead of warmup_ratio).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32",
-        description="Mixed precision over fp32 master weights: bf16 (CPU, Ampere+ GPUs) or fp16 (CUDA GPUs only).",
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="Mixed precision over fp32 master weights: bf16 (CPU, Ampere+ GPUs) or fp16 (CUDA GPUs only); "
+        "`auto`: bf16 where the device computes it natively (measured once per machine), else fp16 on GPUs "
+        "without bf16, else fp32.",
     )
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     save_steps: int | None = Field(None, gt=0, description="Checkpoint every N steps (and at the end).")

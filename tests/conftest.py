@@ -12,6 +12,9 @@ from tests.helpers import REPO
 os.environ.setdefault("LORAFLEET_HOME", str(REPO / ".cache" / "lorafleet"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `precision: auto` resolves the same on every machine in tests (fp32, as explicit configs did before auto); the
+# tests of auto force the check both ways (tests/test_precision.py), and the demo test runs it unforced.
+os.environ.setdefault("LORAFLEET_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

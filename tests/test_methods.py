@@ -122,9 +122,14 @@ def test_method_trains_and_its_adapter_reloads_with_plain_peft(
 
     batch = Collator(trainer.processing_class.pad_token_id)([data.train[0], data.train[1]])
     batch = {key: value for key, value in batch.items() if key != "labels"}
-    # fp32 master weights, compared in fp32: without Accelerate's mixed-precision autocast wrapper
+    # fp32 master weights, compared without Accelerate's mixed-precision autocast wrapper, on a base in the dtype
+    # training held it in (bf16 under bf16 mixed precision: the frozen base; fp32 otherwise)
     trained = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter_dir)).eval()
+    base_dtype = {p.dtype for p in trained.parameters() if not p.requires_grad}
+    assert base_dtype == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    assert {p.dtype for p in trained.parameters() if p.requires_grad} == {torch.float32}
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=base_dtype.pop())
+    reloaded = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
         difference = (trained(**batch).logits.float() - reloaded(**batch).logits.float()).abs().max().item()
     assert difference < 1e-4, difference

@@ -128,6 +128,13 @@ PEFT_CONFIG_BUILDERS: dict[str, Callable] = {
 
 
 def apply_adapter(model: torch.nn.Module, adapter: AdapterSection):
+    """The PEFT model; its trainable parameters are fp32 whatever the base's dtype (the optimizer's master
+    weights: a bf16 base trains bf16 adapters otherwise, whose small updates round away)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, PEFT_CONFIG_BUILDERS[adapter.method](adapter, model))
+    peft_model = get_peft_model(model, PEFT_CONFIG_BUILDERS[adapter.method](adapter, model))
+    for parameter in peft_model.parameters():
+        sharded = hasattr(parameter, "ds_id")  # ZeRO-3 owns its partitions' dtype
+        if parameter.requires_grad and parameter.is_floating_point() and not sharded:
+            parameter.data = parameter.data.float()
+    return peft_model

@@ -225,14 +225,15 @@ def choose_task(requested: str, data: EvalData) -> tuple[str | None, str]:
 
 
 def load_eval_base(job: JobConfig, device: Any) -> tuple[Any, str]:
-    """The base as training loaded it (dtype, quantization on CUDA); unquantized fp32 where 4/8-bit cannot run."""
+    """The base in fp32 whatever the training precision (bf16 only made training faster), as training loaded it
+    where `model.dtype` is set or quantized (on CUDA); unquantized fp32 where 4/8-bit cannot run."""
     import torch
 
     from lorafleet.model_loading import load_base_model_weights
     from lorafleet.training.model import quantization_config, weights_dtype
 
     model_cfg = job.model
-    dtype = weights_dtype(model_cfg, job.training)
+    dtype = weights_dtype(model_cfg)
     precision = str(dtype).removeprefix("torch.")
     kwargs: dict[str, Any] = {}
     if model_cfg.quantization != "none":

@@ -1,7 +1,8 @@
 """Load the base model and tokenizer a job names: precision, quantization, gradient checkpointing.
 
 Everything a device may not support is checked before any weight is read, with what to change:
-- precision: bf16 runs on CPU (autocast) and on CUDA GPUs that have it; fp16 needs a CUDA GPU.
+- precision: bf16 runs on CPU (autocast) and on CUDA GPUs that have it; fp16 needs a CUDA GPU. `auto` is resolved
+  on the worker's own device (`lorafleet.precision`), and every rank takes the lowest any rank resolved.
 - quantization (QLoRA 4-bit nf4/fp4, 8-bit) goes through bitsandbytes, which runs on CUDA and, from the
   version pinned here on, on CPU. A tiny quantized layer is run forward and backward on the worker's device
   first; where that fails the job stops with the reason, and it never trains an unquantized model instead.
@@ -14,12 +15,13 @@ import logging
 
 import torch
 
-from lorafleet.config import ModelSection, TrainingSection
+from lorafleet.config import JobConfig, ModelSection, TrainingSection
 from lorafleet.errors import LorafleetError
 from lorafleet.model_loading import load_base_model_weights, load_base_tokenizer
+from lorafleet.precision import Precision, resolve_precision
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.float32, "fp16": torch.float32}  # master weights
+PRECISION_ORDER = ("fp32", "fp16", "bf16")  # ranks that disagree all take the lowest
 
 
 class UnsupportedOnDevice(LorafleetError):
@@ -35,13 +37,37 @@ def load_tokenizer(model: ModelSection):
     return tokenizer
 
 
-def weights_dtype(model: ModelSection, training: TrainingSection) -> torch.dtype:
-    """`auto`: fp32 master weights (mixed precision autocasts); quantized bases keep their compute dtype."""
+def weights_dtype(model: ModelSection, precision: str = "fp32", strategy: str = "ddp") -> torch.dtype:
+    """The base's dtype when loaded (`model.dtype: auto`): quantized bases keep their compute dtype; under bf16
+    with DDP the frozen base is held in bf16 (autocast would otherwise cast every weight at every step; the
+    trainable parameters stay fp32, see `apply_adapter`); else fp32. ZeRO and FSDP place dtypes themselves."""
     if model.dtype != "auto":
         return TORCH_DTYPES[model.dtype]
     if model.quantization != "none":
         return TORCH_DTYPES[model.bnb_4bit_compute_dtype]
-    return PRECISION_DTYPES[training.precision]
+    return torch.bfloat16 if precision == "bf16" and strategy == "ddp" else torch.float32
+
+
+def with_resolved_precision(job: JobConfig, device: torch.device) -> tuple[JobConfig, Precision]:
+    """`job` with `training.precision` resolved on this worker's device; with several ranks, all take the lowest."""
+    precision = resolve_precision(job.training.precision, device)
+    if precision.requested == "auto":
+        precision = _agreed(precision, device)
+    training = job.training.model_copy(update={"precision": precision.name})
+    return job.model_copy(update={"training": training}), precision
+
+
+def _agreed(precision: Precision, device: torch.device) -> Precision:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return precision
+    code = torch.tensor([PRECISION_ORDER.index(precision.name)], device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MIN)
+    lowest = PRECISION_ORDER[int(code.item())]
+    if lowest == precision.name:
+        return precision
+    return Precision("auto", lowest, f"another worker's device resolved auto to {lowest} (this one: {precision.name})")
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -57,9 +83,15 @@ def check_precision(precision: str, device: torch.device) -> None:
 
 
 def load_base_model(
-    model: ModelSection, training: TrainingSection, device: torch.device, *, quant_storage: torch.dtype | None = None
+    model: ModelSection,
+    training: TrainingSection,
+    device: torch.device,
+    *,
+    strategy: str = "ddp",
+    quant_storage: torch.dtype | None = None,
 ):
-    """The base on `device`; `quant_storage` packs 4-bit weights in a float dtype so FSDP/ZeRO-3 can shard them."""
+    """The base on `device`; `quant_storage` packs 4-bit weights in a float dtype so FSDP/ZeRO-3 can shard them.
+    `training.precision` is already resolved (`with_resolved_precision`)."""
     check_precision(training.precision, device)
     kwargs = {}
     if model.quantization != "none":
@@ -69,7 +101,7 @@ def load_base_model(
     base = load_base_model_weights(
         model.name_or_path,
         revision=model.revision,
-        dtype=weights_dtype(model, training),
+        dtype=weights_dtype(model, training.precision, strategy),
         trust_remote_code=model.trust_remote_code,
         **kwargs,
     )

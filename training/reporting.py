@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -41,10 +42,11 @@ class MetricsLog:
 class ProgressReporter(TrainerCallback):
     """Rank 0: one metrics record and one console line per log event (step, loss, lr, tokens/s, ETA)."""
 
-    def __init__(self, metrics: MetricsLog, run_id: str, workers: list[dict] | None = None):
+    def __init__(self, metrics: MetricsLog, run_id: str, workers: list[dict] | None = None, precision=None):
         self.metrics = metrics
         self.run_id = run_id
         self.workers = workers  # where each rank runs (rank, node_ip, node_id, hostname), recorded at every begin
+        self.precision = precision  # lorafleet.precision.Precision: what `auto` resolved to, and why
         self._last_time = time.monotonic()
         self._last_tokens = 0
         self._start_time = self._last_time
@@ -61,6 +63,7 @@ class ProgressReporter(TrainerCallback):
                     "resumed": state.global_step > 0,
                     "time": time.time(),
                     **({"workers": self.workers} if self.workers else {}),
+                    **({"precision": asdict(self.precision)} if self.precision else {}),
                 }
             )
 

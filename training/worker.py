@@ -78,15 +78,16 @@ def build_hf_trainer(
     """(trainer, data): an HF Trainer ready to `.train()` on this process's share of the job."""
     from transformers import PrinterCallback, set_seed
 
-    from lorafleet.training.adapters import apply_adapter
     from lorafleet.training.data import Collator, build_datasets
     from lorafleet.training.labelled_logits import LabelledLogits
-    from lorafleet.training.model import load_base_model, load_tokenizer
-    from lorafleet.training.packed_attention import use_packed_attention
-    from lorafleet.training.strategies import quantized_storage_dtype, require_engine
+    from lorafleet.training.model import load_tokenizer, with_resolved_precision
+    from lorafleet.training.strategies import require_engine
     from lorafleet.training.trainer import FineTuneTrainer
 
     set_seed(job.training.seed)
+    job, precision = with_resolved_precision(job, device)
+    if rank == 0:
+        print(f"[{run_id}] {precision.describe()}", flush=True)
     check_on_worker(job, device)
 
     tokenizer = load_tokenizer(job.model)
@@ -98,12 +99,7 @@ def build_hf_trainer(
     output_dir = output_dir or tempfile.mkdtemp(prefix=f"lorafleet-{run_id}-rank{rank}-")
     args = training_arguments(job, output_dir, has_eval=data.eval is not None, run_name=run_id, deepspeed=deepspeed)
 
-    model = load_base_model(job.model, job.training, device, quant_storage=quantized_storage_dtype(job, deepspeed))
-    if job.data.packing and device.type == "cpu":
-        use_packed_attention(model)  # each packed example's own attention, not a block-diagonal mask over the row
-    model = apply_adapter(model, job.adapter)
-    if rank == 0:
-        model.print_trainable_parameters()
+    model = peft_model(job, device, rank, deepspeed)
     labelled_logits = LabelledLogits(model) if job.training.logits == "labelled" else None
 
     trainer = FineTuneTrainer(
@@ -113,12 +109,34 @@ def build_hf_trainer(
         eval_dataset=data.eval,
         data_collator=Collator(tokenizer.pad_token_id),
         processing_class=tokenizer,
-        callbacks=[*callbacks, *run_callbacks(job, run_id, run_dir, rank, workers)],
+        callbacks=[*callbacks, *run_callbacks(job, run_id, run_dir, rank, workers, precision)],
         labelled_logits=labelled_logits,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressReporter prints one line per log event instead
     require_engine(trainer, job.distributed.strategy)
     return trainer, data
+
+
+def peft_model(job: JobConfig, device, rank: int, deepspeed: dict[str, Any] | None):
+    """The base (in the dtype its resolved precision and strategy call for) with the job's adapter on it."""
+    from lorafleet.training.adapters import apply_adapter
+    from lorafleet.training.model import load_base_model
+    from lorafleet.training.packed_attention import use_packed_attention
+    from lorafleet.training.strategies import quantized_storage_dtype
+
+    model = load_base_model(
+        job.model,
+        job.training,
+        device,
+        strategy=job.distributed.strategy,
+        quant_storage=quantized_storage_dtype(job, deepspeed),
+    )
+    if job.data.packing and device.type == "cpu":
+        use_packed_attention(model)  # each packed example's own attention, not a block-diagonal mask over the row
+    model = apply_adapter(model, job.adapter)
+    if rank == 0:
+        model.print_trainable_parameters()
+    return model
 
 
 def check_on_worker(job: JobConfig, device) -> None:
@@ -133,7 +151,9 @@ def check_on_worker(job: JobConfig, device) -> None:
     join_deepspeed_to_process_group(job)
 
 
-def run_callbacks(job: JobConfig, run_id: str, run_dir: str, rank: int, workers: list[dict] | None = None) -> list:
+def run_callbacks(
+    job: JobConfig, run_id: str, run_dir: str, rank: int, workers: list[dict] | None = None, precision=None
+) -> list:
     """Progress lines and metrics.jsonl, the configured sinks, the divergence guard, and early stopping."""
     from lorafleet.training.divergence import DivergenceGuard
     from lorafleet.training.early_stopping import EarlyStopping
@@ -141,7 +161,7 @@ def run_callbacks(job: JobConfig, run_id: str, run_dir: str, rank: int, workers:
     from lorafleet.training.sinks import sink_callbacks
 
     # The guard comes after the progress line, so the console and metrics.jsonl show the step that diverged.
-    progress = ProgressReporter(MetricsLog(run_dir), run_id, workers)
+    progress = ProgressReporter(MetricsLog(run_dir), run_id, workers, precision)
     callbacks = [progress, *sink_callbacks(job, run_dir, rank), DivergenceGuard()]
     if job.training.early_stopping is not None:
         callbacks.append(EarlyStopping(job.training.early_stopping))

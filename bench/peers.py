@@ -3,7 +3,9 @@ weights, the same requests over HTTP through the official openai client, in floa
 
 Scenarios: one adapter, four adapters mixed in one batch, the base alone. Each engine casts the same F32
 checkpoint (vLLM and the CPU engine at load; llama.cpp's converter writes F32 or BF16 GGUF files). Each server
-runs alone on the machine while it is measured; the best of `--repeat` runs is kept.
+runs alone on the machine while it is measured; the best of `--repeat` runs is kept. lorafleet runs with the
+settings `lorafleet serve` ships (max_batch_size and the rest left to their defaults; only the dtype is set);
+vLLM with its own defaults; llama.cpp with one slot per request (it has no continuous batching beyond slots).
 """
 
 from __future__ import annotations
@@ -16,6 +18,13 @@ from pathlib import Path
 PEERS = ("vllm", "llama.cpp")
 DTYPES = ("float32", "bfloat16")
 LABELS = {"lorafleet": "lorafleet", "vllm": "vLLM CPU", "llama.cpp": "llama.cpp"}
+GOALS = {  # lorafleet / peer at equal precision, shipped defaults
+    ("llama.cpp", "one adapter"): 1.0,
+    ("llama.cpp", "4 adapters mixed"): 2.5,
+    ("vllm", "one adapter"): 1.5,
+    ("vllm", "4 adapters mixed"): 1.5,
+    ("vllm", "base only"): 1.0,
+}
 
 
 def peer_tables(args: argparse.Namespace, config, base_dir: Path, adapters: dict[str, Path], peers: list[str], measure):
@@ -37,7 +46,7 @@ def peer_tables(args: argparse.Namespace, config, base_dir: Path, adapters: dict
     llama = _llama_build() if "llama.cpp" in peers else None
     results: dict[tuple[str, str], dict[str, float]] = {}
     for dtype in DTYPES:
-        ours = config.model_copy(update={"dtype": dtype})
+        ours = shipped_settings(config, dtype)
         servers = {"lorafleet": lambda ours=ours: ServerThread(create_app(ours))}
         if "vllm" in peers:
             servers["vllm"] = lambda dtype=dtype: _vllm(args.model, adapters, dtype, threads)
@@ -51,6 +60,14 @@ def peer_tables(args: argparse.Namespace, config, base_dir: Path, adapters: dict
                     results.setdefault((dtype, name), {})[side] = best
     _print(results, peers, f"{args.requests} requests at once x {args.tokens} tokens, {threads} threads, "
            f"best of {args.repeat}")  # fmt: skip
+
+
+def shipped_settings(config, dtype: str):
+    """The bench engine's model, adapters and port, every other setting as `lorafleet serve` ships it."""
+    from lorafleet.serving.config import ServingConfig
+
+    keep = ("base", "served_model_name", "adapters", "adapter_roots", "port", "host")
+    return ServingConfig(**{name: getattr(config, name) for name in keep}, dtype=dtype)
 
 
 def _best_of(url, prompts, scenarios, body, args, measure) -> dict[str, float]:
@@ -81,6 +98,13 @@ def _print(results: dict[tuple[str, str], dict[str, float]], peers: list[str], s
         line = f"{dtype:<9} {name:<18} {sides['lorafleet']:>10.1f}"
         line += "".join(f" {sides[p]:>10.1f} {sides['lorafleet'] / sides[p]:>19.2f}x" for p in peers)
         print(line)
+    for (dtype, name), sides in results.items():
+        for peer in peers:
+            goal = GOALS.get((peer, name))
+            if goal is not None:
+                ratio = sides["lorafleet"] / sides[peer]
+                verdict = "met" if ratio >= goal else "MISSED"
+                print(f"goal {dtype} {name}: lorafleet / {LABELS[peer]} {ratio:.2f}x (>= {goal}x): {verdict}")
 
 
 def _vllm(model: str, adapters: dict[str, Path], dtype: str, threads: int):

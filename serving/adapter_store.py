@@ -71,9 +71,12 @@ class AdapterStore:
         self._by_name: dict[str, LoadedAdapter] = {}
         self._retired: list[LoadedAdapter] = []
         self._ids = itertools.count(1)
-        self._hooked: list[torch.nn.Module] = []
+        self._hooked: list[torch.nn.Module] = []  # every PEFT layer: LoRA layers and auxiliary wrappers
+        self._hooked_linear: list[torch.nn.Module] = []  # the plain LoRA Linear layers among them
+        self._hooked_not_linear: list[torch.nn.Module] = []
         self._active: str | None = None
         self.stack_lora = True  # False: mixed batches take PEFT's `adapter_names` forward in every LoRA layer
+        self.skip_lora_for_base = True  # False: a batch of base rows only goes through the LoRA layers too (bench)
         self._stack: LoraStack | None = None
 
     # ---- server thread --------------------------------------------------------------------------------------
@@ -184,7 +187,11 @@ class AdapterStore:
             from peft.utils.other import AuxiliaryTrainingWrapper
         except ImportError:  # an older PEFT
             AuxiliaryTrainingWrapper = LoraLayer  # noqa: N806
+        from peft.tuners.lora.layer import Linear
+
         self._hooked = [m for m in self.model.modules() if isinstance(m, LoraLayer | AuxiliaryTrainingWrapper)]
+        self._hooked_linear = [m for m in self._hooked if type(m) is Linear and not m.merged]
+        self._hooked_not_linear = [m for m in self._hooked if m not in self._hooked_linear]
         self._stack = None  # weights were added or deleted: the next mixed pass stacks them afresh
 
     def _stack_for(self, names: set[str]) -> LoraStack:
@@ -215,7 +222,9 @@ class AdapterStore:
             return
         names = [adapter.peft_name if adapter is not None else BASE for adapter in adapters]
         hooked, stacked = self._hooked, nullcontext()
-        if self.stack_lora:
+        if self.skip_lora_for_base and all(name == BASE for name in names):
+            hooked, stacked = self._hooked_not_linear, bypassing(self._hooked_linear)
+        elif self.stack_lora:
             stack = self._stack_for({name for name in names if name != BASE})
             hooked, stacked = stack.fallback, stack.apply(names)
         hook = partial(_inject_adapter_names, adapter_names=names)
@@ -226,6 +235,18 @@ class AdapterStore:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+@contextmanager
+def bypassing(layers: list[torch.nn.Module]) -> Iterator[None]:
+    """For one forward pass of base rows only: each LoRA Linear runs its base layer alone (no masked LoRA work)."""
+    for layer in layers:
+        layer.forward = layer.base_layer.forward  # an instance attribute: shadows PEFT's forward for this pass
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 def _inject_adapter_names(module, args, kwargs, adapter_names):

@@ -71,7 +71,13 @@ class ServingConfig(BaseModel):
     runtime_lora_updating: bool = Field(
         True, description="Offer /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: runtime LoRA updating)."
     )
-    max_batch_size: int = Field(8, ge=1, le=1024, description="Sequences decoded together (higher: throughput).")
+    max_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Sequences decoded together (higher: throughput); default: as many as their KV cache at "
+        "max_model_len fits in half the memory available, at most 64 (printed at start).",
+    )
     max_wait_ms: float = Field(
         5.0, ge=0, le=10_000, description="When idle, wait this long for more requests to fill the first batch."
     )
@@ -93,15 +99,17 @@ class ServingConfig(BaseModel):
     )
     max_request_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weights' dtype (`auto`: float32 on the CPU engine, the model's dtype on vLLM)."
+        "auto",
+        description="Weights' dtype (`auto`: on the CPU engine bfloat16 where the CPU multiplies bf16 natively, "
+        "else float32, printed at start; on vLLM the model's dtype).",
     )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU engine: intra-op threads of the model thread (default: torch's, one per core)."
     )
     packed_weights: bool = Field(
         True,
-        description="CPU engine, float32: the base model's linear weights also kept in oneDNN's blocked layout "
-        "(~1.5-3x faster matmuls at decode batch sizes, for a second copy of those weights in memory).",
+        description="CPU engine, float32 or bfloat16: the base model's linear weights also kept in oneDNN's blocked "
+        "layout (~1.5-3x faster matmuls at decode batch sizes, for a second copy of those weights in memory).",
     )
     prefix_cache_mb: float = Field(
         256,

@@ -64,6 +64,7 @@ class Engine(Protocol):
 
     tokenizer: Any
     max_model_len: int
+    max_batch_size: int  # rows decoded together (the setting, or what the engine chose for this machine)
     vocab_size: int
 
     @property

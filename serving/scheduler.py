@@ -42,6 +42,7 @@ class Scheduler:
     def __init__(self, config: ServingConfig, queue: RequestQueue):
         self.config = config
         self.queue = queue
+        self.max_batch_size = config.max_batch_size or 1  # the engine sets the value it chose at start
         self.cohorts: dict[str, RunningBatch] = {}
 
     def running(self) -> int:
@@ -54,7 +55,7 @@ class Scheduler:
     def admit(self, decoder) -> tuple[dict[str, list[Sequence]], list[RequestStream]]:
         """(newly admitted sequences by cohort, cancelled streams dropped from the queue)."""
         running = self.running()
-        free = self.config.max_batch_size - running
+        free = self.max_batch_size - running
         if free <= 0:
             return {}, []
         active = {seq.adapter.internal for batch in self.cohorts.values() for seq in batch.rows if seq.adapter}

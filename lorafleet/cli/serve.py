@@ -136,5 +136,6 @@ def _serve_cpu(settings) -> None:
     engine = CPUEngine(settings)
     engine.start()  # model and startup adapters load here, so their errors exit cleanly before listening
     names = ", ".join(a.name for a in engine.adapters()) or "none"
+    typer.echo(engine.describe_settings(), err=True)
     typer.echo(f"serving {settings.model_id} (adapters: {names}) on http://{settings.host}:{settings.port}", err=True)
     serve_forever(create_app(settings, engine), settings)

@@ -75,7 +75,7 @@ class GenerationHandler:
 
     def check_choices(self, n: int) -> None:
         """`n` choices take n batch slots at once: at most `max_n`, and never more than a batch holds."""
-        limit = min(self.config.max_n, self.config.max_batch_size)
+        limit = min(self.config.max_n, self.engine.max_batch_size)
         if n > limit:
             raise BadRequest(f"n {n} is above this server's limit of {limit} choices per request", param="n")
 

@@ -7,6 +7,8 @@ Prints tokens/s for:
 - mixed:  REQUESTS requests spread over 4 LoRA adapters, sent at once (one mixed-adapter batch; LoRA layers run
           one pass over the stacked adapters, `serving/lora_stack.py`; `--peft-mixed`: PEFT's per-adapter loop);
 - single: the same requests all for one adapter (the ceiling mixing should approach; goal >= 0.8x);
+- base:   the same requests for the base model, four adapters loaded (a batch of base rows skips the LoRA
+          layers; goal: at least the single-adapter rate);
 - naive:  one request at a time, `set_adapter` + `generate` per request (what mixing replaces; goal >= 3x);
 and the hot-load latency of an adapter (`load_adapter` through the engine: checks + PEFT load), idle and
 while a batch is decoding.
@@ -200,12 +202,14 @@ def main() -> None:
     ]
     mixed_models = [ADAPTERS[i % 4] for i in range(args.requests)]
     single_models = [ADAPTERS[0]] * args.requests
+    base_models = ["base"] * args.requests
 
     engine_tokens_per_s(engine, prompts[:4], mixed_models[:4], 4)  # warm-up
-    mixed_runs, single_runs = [], []
+    mixed_runs, single_runs, base_runs = [], [], []
     for _ in range(args.repeat):  # interleaved, best of N: robust to other load on the machine
         mixed_runs.append(engine_tokens_per_s(engine, prompts, mixed_models, args.tokens))
         single_runs.append(engine_tokens_per_s(engine, prompts, single_models, args.tokens))
+        base_runs.append(engine_tokens_per_s(engine, prompts, base_models, args.tokens))
     idle_loads = hot_load_ms(engine, adapter_dirs[1], args.loads)
     busy_loads = hot_load_ms(engine, adapter_dirs[2], args.loads, busy_prompt=prompts[0])
     engine.shutdown()
@@ -221,11 +225,13 @@ def main() -> None:
           f"mixed LoRA: {'PEFT adapter_names' if args.peft_mixed else 'stacked'}")  # fmt: skip
     print(f"mixed (4 adapters, one batch)  {mixed:9.1f} tok/s")
     print(f"single adapter, same batch     {single:9.1f} tok/s   (mixed/single runs: {runs})")
+    print(f"base only, same batch          {max(base_runs):9.1f} tok/s   {engine.describe_settings()}")
     print(f"naive (one request at a time)  {naive:9.1f} tok/s   ({naive_requests} requests, set_adapter + generate)")
     # Each mixed run is next to its single run in time, so their ratio sees the same background load.
     pair_ratio = statistics.median(m / s for m, s in zip(mixed_runs, single_runs, strict=True))
     print(f"mixed / single = {mixed / single:.2f}x best runs, {pair_ratio:.2f}x median of pairs (goal >= 0.8x)")
     print(f"mixed / naive  = {mixed / naive:.2f}x (goal >= 3x)")
+    print(f"base / single  = {max(base_runs) / single:.2f}x (goal >= 1x: the base path at least as fast)")
     print(
         f"hot-load latency: idle median {statistics.median(idle_loads):.1f} ms (max {max(idle_loads):.1f}); "
         f"during decoding median {statistics.median(busy_loads):.1f} ms (max {max(busy_loads):.1f})"

@@ -133,6 +133,26 @@ def test_mixed_batch_matches_peft_and_joins_midway(engine, references):
     assert all(last.finish_reason == "length" and last.completion_tokens == NEW_TOKENS for _, last in results)
 
 
+def test_a_batch_of_base_rows_skips_the_lora_layers(engine, references, monkeypatch):
+    """Base rows alone: no LoRA work at all (neither PEFT's forward nor a stacked pass), the base's answers; a
+    batch with one adapter row in it goes through the LoRA layers again."""
+    from peft.tuners.lora.layer import Linear
+
+    from lorafleet.serving.lora_stack import StackedLayer
+
+    lora_passes = []
+
+    def counted(method):
+        return lambda self, *args, **kwargs: lora_passes.append(1) or method(self, *args, **kwargs)
+
+    monkeypatch.setattr(Linear, "forward", counted(Linear.forward))
+    monkeypatch.setattr(StackedLayer, "__call__", counted(StackedLayer.__call__))
+    base_only = run_many(engine, [(prompt, "tiny", GREEDY, 0) for prompt in PROMPTS])
+    assert [text for text, _ in base_only] == references["tiny"] and not lora_passes
+    with_adapter = run_many(engine, [(PROMPTS[0], "tiny", GREEDY, 0), (PROMPTS[1], "a", GREEDY, 0)])
+    assert [text for text, _ in with_adapter] == [references["tiny"][0], references["a"][1]] and lora_passes
+
+
 def test_iteration_level_batching_overlaps_requests(engine):
     """A short request sent while a long one runs finishes first (it joined the running batch)."""
     long = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)

@@ -3,9 +3,9 @@ weights, the same requests over HTTP through the official openai client, in floa
 
 Scenarios: one adapter, four adapters mixed in one batch, the base alone. Each engine casts the same F32
 checkpoint (vLLM and the CPU engine at load; llama.cpp's converter writes F32 or BF16 GGUF files). Each server
-runs alone on the machine while it is measured; the best of `--repeat` runs is kept. lorafleet runs with the
-settings `lorafleet serve` ships (max_batch_size and the rest left to their defaults; only the dtype is set);
-vLLM with its own defaults; llama.cpp with one slot per request (it has no continuous batching beyond slots).
+runs alone on the machine while it is measured; the best of `--repeat` runs is kept. lorafleet is `lorafleet
+serve` in its own process with the settings it ships (max_batch_size and the rest left to their defaults; only
+the dtype is set); vLLM with its own defaults; llama.cpp with one slot per request.
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ GOALS = {  # lorafleet / peer at equal precision, shipped defaults
 }
 
 
-def peer_tables(args: argparse.Namespace, config, base_dir: Path, adapters: dict[str, Path], peers: list[str], measure):
+def peer_tables(args: argparse.Namespace, base_dir: Path, adapters: dict[str, Path], peers: list[str], measure):
     """Measure lorafleet and each peer per dtype and scenario; print tokens/s and lorafleet/peer.
 
     `measure(url, prompts, [(model, extra body)], tokens)` -> tokens/s of all requests sent at once.
     """
-    from lorafleet.serving.app import create_app
-    from lorafleet.serving.server import ServerThread
-
     names = list(adapters)
     prompts = [f"Request {i}: describe item number {i} in a few words." for i in range(args.requests)]
     scenarios = {
@@ -46,8 +43,7 @@ def peer_tables(args: argparse.Namespace, config, base_dir: Path, adapters: dict
     llama = _llama_build() if "llama.cpp" in peers else None
     results: dict[tuple[str, str], dict[str, float]] = {}
     for dtype in DTYPES:
-        ours = shipped_settings(config, dtype)
-        servers = {"lorafleet": lambda ours=ours: ServerThread(create_app(ours))}
+        servers = {"lorafleet": lambda dtype=dtype: _lorafleet(args.model, adapters, dtype)}
         if "vllm" in peers:
             servers["vllm"] = lambda dtype=dtype: _vllm(args.model, adapters, dtype, threads)
         if llama is not None:
@@ -60,14 +56,6 @@ def peer_tables(args: argparse.Namespace, config, base_dir: Path, adapters: dict
                     results.setdefault((dtype, name), {})[side] = best
     _print(results, peers, f"{args.requests} requests at once x {args.tokens} tokens, {threads} threads, "
            f"best of {args.repeat}")  # fmt: skip
-
-
-def shipped_settings(config, dtype: str):
-    """The bench engine's model, adapters and port, every other setting as `lorafleet serve` ships it."""
-    from lorafleet.serving.config import ServingConfig
-
-    keep = ("base", "served_model_name", "adapters", "adapter_roots", "port", "host")
-    return ServingConfig(**{name: getattr(config, name) for name in keep}, dtype=dtype)
 
 
 def _best_of(url, prompts, scenarios, body, args, measure) -> dict[str, float]:
@@ -107,11 +95,18 @@ def _print(results: dict[tuple[str, str], dict[str, float]], peers: list[str], s
                 print(f"goal {dtype} {name}: lorafleet / {LABELS[peer]} {ratio:.2f}x (>= {goal}x): {verdict}")
 
 
+def _lorafleet(model: str, adapters: dict[str, Path], dtype: str):
+    from serve_process import ServeProcess
+
+    log = Path(tempfile.mkdtemp(prefix="lorafleet-bench-")) / "serve.log"
+    return ServeProcess(["--engine", "cpu", "--base", model, "--dtype", dtype], adapters, log=log)
+
+
 def _vllm(model: str, adapters: dict[str, Path], dtype: str, threads: int):
-    from vllm_peer import VllmServer
+    from vllm_peer import vllm_server
 
     log = Path(tempfile.mkdtemp(prefix="vllm-bench-")) / "vllm.log"
-    return VllmServer(model, adapters, dtype=dtype, threads=threads, log=log)
+    return vllm_server(model, adapters, dtype=dtype, threads=threads, log=log)
 
 
 def _llama_build():

@@ -188,14 +188,14 @@ def start_engine(args: argparse.Namespace):
     engine = CPUEngine(config)
     engine.start()
     engine.store.stack_lora = not args.peft_mixed
-    return engine, base_dir, adapter_dirs, config
+    return engine, base_dir, adapter_dirs
 
 
 def main() -> None:
     args = parse_args()
     import torch
 
-    engine, base_dir, adapter_dirs, config = start_engine(args)
+    engine, base_dir, adapter_dirs = start_engine(args)
     tokenizer = engine.tokenizer
     prompts = [
         tokenizer(f"Request {i}: describe item number {i} in a few words.").input_ids for i in range(args.requests)
@@ -238,7 +238,7 @@ def main() -> None:
     )
     peers = [peer for peer in PEERS if peer in args.peer or "all" in args.peer]
     if peers:
-        peer_tables(args, config, base_dir, dict(zip(ADAPTERS, adapter_dirs, strict=True)), peers, http_tokens_per_s)
+        peer_tables(args, base_dir, dict(zip(ADAPTERS, adapter_dirs, strict=True)), peers, http_tokens_per_s)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,16 @@ def tiny_demo_configs(folder: Path) -> Path:
     return folder
 
 
+UNFORCED = {"LORAFLEET_CPU_BF16": None}  # `precision: auto` decided by this machine, as a user's demo is
+
+
 def test_demo_trains_evaluates_publishes_serves_and_answers(tmp_path: Path) -> None:
     configs = tiny_demo_configs(tmp_path)
     storage = tmp_path / "storage"
-    result = run_cli("demo", "--configs", str(configs), "--storage", str(storage), "--eval-examples", "4", timeout=1500)
+    command = ("demo", "--configs", str(configs), "--storage", str(storage), "--eval-examples", "4")
+    result = run_cli(*command, timeout=1500, env=UNFORCED)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
+    assert result.stdout.count("] precision auto -> ") == 2, result.stdout[-3000:]  # one line per training run
 
     for name in ("price", "support"):
         run_dir = storage / "runs" / f"demo-{name}"
@@ -56,6 +61,6 @@ def test_demo_trains_evaluates_publishes_serves_and_answers(tmp_path: Path) -> N
         assert noise not in console, noise
 
     # A second demo reuses the trained runs instead of training again.
-    again = run_cli("demo", "--configs", str(configs), "--storage", str(storage), "--eval-examples", "4", timeout=900)
+    again = run_cli(*command, timeout=900, env=UNFORCED)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already trained" in again.stdout

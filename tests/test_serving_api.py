@@ -400,6 +400,10 @@ def test_cli_serve_starts_answers_and_stops_on_sigterm(tiny_model_dir, adapter_d
         assert client.adapters() == {"a": str(adapter_dir / "a")}
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0
+        # the settings chosen for this machine, with the reason (conftest forces the CPU's bf16 verdict off)
+        console = process.stderr.read()
+        assert "dtype float32 (auto: LORAFLEET_CPU_BF16=0 " in console
+        assert "max_batch_size 2 (set explicitly)" in console
     finally:
         if process.poll() is None:
             process.kill()

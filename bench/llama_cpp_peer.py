@@ -16,7 +16,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -112,19 +111,15 @@ class LlamaServer:
         return f"http://127.0.0.1:{self.port}"
 
     def _wait_healthy(self, timeout: float = 300) -> None:
-        import httpx
+        from serve_process import wait_healthy  # bench/serve_process.py
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self.process.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("llama-server did not become healthy")
+        try:
+            wait_healthy(self.process, self.url, timeout)
+        except RuntimeError as error:
+            exited = self.process.poll() is not None
+            self.close()
+            said = self.process.stderr.read()[-2000:] if exited else ""
+            raise RuntimeError(f"llama-server: {error} {said}") from None
 
     def __enter__(self) -> LlamaServer:
         return self

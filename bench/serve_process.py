@@ -50,19 +50,11 @@ class ServeProcess:
         self._wait_healthy(600)
 
     def _wait_healthy(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.process.returncode}); its log: {self.log_path}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError(f"the server did not start in {timeout:.0f} s; its log: {self.log_path}")
-            time.sleep(1)
+        try:
+            wait_healthy(self.process, self.url, timeout)
+        except RuntimeError as error:
+            self.close()
+            raise RuntimeError(f"{error}; its log: {self.log_path}") from None
 
     def __enter__(self) -> ServeProcess:
         return self
@@ -78,3 +70,19 @@ class ServeProcess:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(30)
         self.log.close()
+
+
+def wait_healthy(process: subprocess.Popen, url: str, timeout: float) -> None:
+    """Until `url`/health answers 200; RuntimeError if `process` exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited ({process.returncode})")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start in {timeout:.0f} s")
+        time.sleep(0.5)

@@ -18,8 +18,14 @@ from lorafleet.serving import machine_defaults
 from lorafleet.serving.config import ServingConfig
 from lorafleet.serving.engine import CPUEngine
 from lorafleet.serving.engine_api import SamplingParams
-from lorafleet.serving.testing import make_adapter
-from tests.test_serving_engine import KINDS, PROMPTS, record_logits, run_many
+from tests.test_serving_engine import (
+    KINDS,
+    PROMPTS,
+    adapters_of_every_kind,
+    compare_with_references,
+    record_logits,
+    run_many,
+)
 
 BF16_MAX_LOGIT_GAP = 0.05  # the tiny model's logits span about ±1; bf16 keeps ~3 significant digits
 BF16_TOP1_AGREEMENT = 0.95
@@ -27,10 +33,7 @@ BF16_TOP1_AGREEMENT = 0.95
 
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bf16-adapters")
-    for seed, (name, method) in enumerate(KINDS.items(), start=1):
-        make_adapter(tiny_model_dir, root / name, method, seed=seed)
-    return root
+    return adapters_of_every_kind(tiny_model_dir, tmp_path_factory.mktemp("bf16-adapters"))
 
 
 def start_engine(tiny_model_dir: str, adapter_dir: Path | None = None, **settings) -> CPUEngine:
@@ -80,23 +83,6 @@ def test_bf16_mixed_batch_of_every_method_stays_close_to_peft_fp32(tiny_model_di
     assert sorted(entry[0] for entry in seen.values()) == sorted(models)
     gap, agreement = compare_with_references(seen, peft_references(tiny_model_dir, adapter_dir))
     assert gap < BF16_MAX_LOGIT_GAP and agreement >= BF16_TOP1_AGREEMENT, (gap, agreement)
-
-
-def compare_with_references(seen: dict, references: dict) -> tuple[float, float]:
-    """(largest |engine - reference| logit, share of steps with the same top-1 token) over every recorded step."""
-    worst, same, steps = 0.0, 0, 0
-    with torch.inference_mode():
-        for model, prompt, logits, tokens in seen.values():
-            reference = references[model]
-            if model in getattr(reference, "peft_config", {}):
-                reference.set_adapter(model)
-            for step, got in enumerate(logits):
-                ids = torch.tensor([prompt + tokens[:step]])
-                expected = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
-                worst = max(worst, (got - expected).abs().max().item())
-                same += int(got.argmax() == expected.argmax())
-                steps += 1
-    return worst, same / steps
 
 
 @pytest.mark.parametrize(("native", "dtype"), [(True, torch.bfloat16), (False, torch.float32)])

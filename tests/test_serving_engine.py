@@ -28,12 +28,16 @@ KINDS = {"a": "lora", "b": "lora-all", "d": "dora", "pt": "prompt", "px": "prefi
 NEW_TOKENS = 10
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("engine-adapters")
+def adapters_of_every_kind(tiny_model_dir: str, root: Path) -> Path:
+    """One random adapter per entry of KINDS under `root`."""
     for seed, (name, method) in enumerate(KINDS.items(), start=1):
         make_adapter(tiny_model_dir, root / name, method, seed=seed)
     return root
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return adapters_of_every_kind(tiny_model_dir, tmp_path_factory.mktemp("engine-adapters"))
 
 
 @pytest.fixture(scope="module")
@@ -620,10 +624,11 @@ def record_logits(engine: CPUEngine) -> tuple[dict, callable]:
     return seen, lambda: setattr(engine.runner, "choose", choose)
 
 
-def worst_logit_gap(seen: dict, references: dict) -> float:
-    """Largest |engine - reference| over every recorded step; `references`: model name -> a model in eval mode
-    (a PeftModel holding several adapters is switched to the one named like the model)."""
-    worst = 0.0
+def compare_with_references(seen: dict, references: dict) -> tuple[float, float]:
+    """(largest |engine - reference| logit, share of steps with the same top-1 token) over every recorded step;
+    `references`: model name -> a model in eval mode (a PeftModel holding several adapters is switched to the one
+    named like the model)."""
+    worst, same, steps = 0.0, 0, 0
     with torch.inference_mode():
         for model, prompt, logits, tokens in seen.values():
             reference = references[model]
@@ -633,7 +638,13 @@ def worst_logit_gap(seen: dict, references: dict) -> float:
                 ids = torch.tensor([prompt + tokens[:step]])
                 expected = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
                 worst = max(worst, (got - expected).abs().max().item())
-    return worst
+                same += int(got.argmax() == expected.argmax())
+                steps += 1
+    return worst, same / steps
+
+
+def worst_logit_gap(seen: dict, references: dict) -> float:
+    return compare_with_references(seen, references)[0]
 
 
 def test_every_step_logits_equal_peft_for_a_mixed_batch_of_every_method(engine, tiny_model_dir, adapter_dir):

@@ -22,8 +22,6 @@ from pydantic import ValidationError
 from tests.helpers import CONFIGS, run_cli
 from tests.test_methods import CPU, tiny_job
 
-deepspeed = pytest.importorskip("deepspeed", reason="deepspeed is not installed (pip install deepspeed)")
-
 
 def ds_job(tmp_path: Path, **settings):
     return tiny_job(tmp_path, distributed={"strategy": "deepspeed", "deepspeed": settings})

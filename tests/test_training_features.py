@@ -18,8 +18,6 @@ from lorafleet.errors import LorafleetError
 from tests.helpers import CONFIGS, run_cli
 from tests.test_methods import CPU, single_thread, tiny_job, train_in_process  # noqa: F401 (autouse fixture)
 
-HAS_BITSANDBYTES = __import__("importlib").util.find_spec("bitsandbytes") is not None
-
 
 def lora_weights(trainer) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
@@ -34,7 +32,6 @@ QUANTIZED = [
 ]
 
 
-@pytest.mark.skipif(not HAS_BITSANDBYTES, reason="bitsandbytes is not installed (see the next test)")
 @pytest.mark.parametrize(("model", "layer"), QUANTIZED, ids=["nf4-double-quant", "fp4", "8bit"])
 def test_quantized_base_trains_three_steps_on_cpu(tmp_path: Path, model: dict, layer: str) -> None:
     job = tiny_job(tmp_path, model=model, training={"max_steps": 3})
@@ -58,7 +55,6 @@ def test_quantization_without_bitsandbytes_fails_before_loading(tmp_path: Path, 
         train_in_process(job, tmp_path)
 
 
-@pytest.mark.skipif(not HAS_BITSANDBYTES, reason="the device probe needs bitsandbytes")
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_quantization_on_a_device_bitsandbytes_cannot_run_on_is_refused(tmp_path: Path, mode: str) -> None:
     """The probe runs a real quantized layer on the device; `meta` stands in for any unsupported device."""

@@ -11,8 +11,6 @@ padding) does not count, so two arms' MFU ratio is their useful-throughput ratio
 
 from __future__ import annotations
 
-import time
-
 MATMUL_SIZE = 2048  # the machine's own matmul rate: a square matmul of this size, at the arms' threads
 
 
@@ -20,16 +18,10 @@ def matmul_rate(threads: int, precision: str = "fp32") -> float:
     """FLOP/s of one square matmul in `precision` (fp32, bf16) at `threads` torch threads: the best of 5."""
     import torch
 
+    from lorafleet.precision import TORCH_DTYPES, matmul_gflops
+
     torch.set_num_threads(threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE).to(dtype) for _ in range(2))
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(5):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - started)
-    return 2 * MATMUL_SIZE**3 / best
+    return matmul_gflops(TORCH_DTYPES[precision], MATMUL_SIZE) * 1e9
 
 
 def useful_flops_per_token(job) -> float:

@@ -106,7 +106,7 @@ def measure_cpu_bf16(size: int = 512) -> CpuBf16:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        fp32, bf16 = (_matmul_gflops(torch.float32, size), _matmul_gflops(torch.bfloat16, size))
+        fp32, bf16 = (matmul_gflops(torch.float32, size), matmul_gflops(torch.bfloat16, size))
     finally:
         torch.set_num_threads(threads)
     rates = f"bf16 matmul {bf16:.0f} GFLOP/s vs fp32 {fp32:.0f} per core"
@@ -115,7 +115,8 @@ def measure_cpu_bf16(size: int = 512) -> CpuBf16:
     return CpuBf16(False, f"bf16 is emulated on this CPU ({rates})", round(bf16, 1), round(fp32, 1))
 
 
-def _matmul_gflops(dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+def matmul_gflops(dtype: torch.dtype, size: int, repeats: int = 5) -> float:
+    """GFLOP/s of a `size`³ matmul in `dtype` at the current torch threads: the best of `repeats` after a warm-up."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
     a @ b  # first call: oneDNN's kernel selection
     best = float("inf")

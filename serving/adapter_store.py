@@ -76,7 +76,6 @@ class AdapterStore:
         self._hooked_not_linear: list[torch.nn.Module] = []
         self._active: str | None = None
         self.stack_lora = True  # False: mixed batches take PEFT's `adapter_names` forward in every LoRA layer
-        self.skip_lora_for_base = True  # False: a batch of base rows only goes through the LoRA layers too (bench)
         self._stack: LoraStack | None = None
 
     # ---- server thread --------------------------------------------------------------------------------------
@@ -222,7 +221,7 @@ class AdapterStore:
             return
         names = [adapter.peft_name if adapter is not None else BASE for adapter in adapters]
         hooked, stacked = self._hooked, nullcontext()
-        if self.skip_lora_for_base and all(name == BASE for name in names):
+        if all(name == BASE for name in names):
             hooked, stacked = self._hooked_not_linear, bypassing(self._hooked_linear)
         elif self.stack_lora:
             stack = self._stack_for({name for name in names if name != BASE})

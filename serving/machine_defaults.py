@@ -22,7 +22,6 @@ from lorafleet.precision import resolve_precision
 KV_MEMORY_SHARE = 0.5
 MAX_AUTO_BATCH = 64
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -36,7 +35,7 @@ def engine_dtype(requested: str, device: torch.device | str = "cpu") -> Choice:
     if requested != "auto":
         return Choice(DTYPES[requested], "set explicitly")
     chosen = resolve_precision("auto", device)
-    return Choice(DTYPES[PRECISION_DTYPES[chosen.name]], f"auto: {chosen.reason}")
+    return Choice(chosen.dtype, f"auto: {chosen.reason}")
 
 
 def batch_size(model_config, dtype: torch.dtype, max_model_len: int, available: int | None = None) -> Choice:

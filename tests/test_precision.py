@@ -71,7 +71,7 @@ def test_the_real_check_measures_once_and_caches_per_machine(verdict_cache: Path
 
 def test_emulated_bf16_is_not_native(verdict_cache: Path, monkeypatch) -> None:
     """oneDNN accepts bf16 on AVX-512 CPUs without the BF16 extension; the timing says it does not pay there."""
-    monkeypatch.setattr(precision, "_matmul_gflops", lambda dtype, size: 50.0 if dtype == torch.bfloat16 else 60.0)
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, size: 50.0 if dtype == torch.bfloat16 else 60.0)
     verdict = precision.measure_cpu_bf16()
     assert not verdict.native and "emulated" in verdict.reason
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
@@ -85,7 +85,7 @@ def test_an_unwritable_cache_costs_only_the_measurement(tmp_path: Path, monkeypa
     (home / "machine").write_text("a file where the folder would go")
     monkeypatch.setenv("LORAFLEET_HOME", str(home))
     monkeypatch.delenv(precision.OVERRIDE_VARIABLE, raising=False)
-    monkeypatch.setattr(precision, "_matmul_gflops", lambda dtype, size: 200.0 if dtype == torch.bfloat16 else 90.0)
+    monkeypatch.setattr(precision, "matmul_gflops", lambda dtype, size: 200.0 if dtype == torch.bfloat16 else 90.0)
     precision.cpu_bf16.cache_clear()
     try:
         assert precision.cpu_bf16().native

@@ -9,6 +9,8 @@ folder that has nothing else is refused, naming the file), the pinned `revision`
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,31 @@ def load_base_model_weights(
 
     source = resolve_model(reference)
     require_safetensors(source)
-    return AutoModelForCausalLM.from_pretrained(
-        source, revision=revision, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*already has a `quantization_config`", category=UserWarning)
+        return AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            **_dense_quantized(source),
+            **kwargs,
+        )
+
+
+def _dense_quantized(folder: str) -> dict[str, Any]:
+    """A compressed-tensors folder (`lorafleet quantize`, llm-compressor) loads dense: its integers times their
+    scales in ordinary Linear layers, which every consumer here can use (the CPU engine then re-packs them into
+    int8 kernels: lorafleet.serving.quantized_base)."""
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return {}
+    quantization = json.loads(config.read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def load_base_tokenizer(reference: str, *, revision: str | None = None, trust_remote_code: bool = False):

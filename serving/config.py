@@ -103,6 +103,12 @@ class ServingConfig(BaseModel):
         description="Weights' dtype (`auto`: on the CPU engine bfloat16 where the CPU multiplies bf16 natively, "
         "else float32, printed at start; on vLLM the model's dtype).",
     )
+    quantization: Literal["none", "int8", "int4"] | None = Field(
+        None,
+        description="CPU engine: base weights quantized at load (int8 matmuls; LoRA stays full precision on top). "
+        "Default: a quantized folder (`lorafleet quantize`) as its method says, else none. vLLM: serves quantized "
+        "folders as their config.json says (`--quantization compressed-tensors`); int8/int4 need such a folder.",
+    )
     torch_threads: int | None = Field(
         None, ge=1, description="CPU engine: intra-op threads of the model thread (default: torch's, one per core)."
     )

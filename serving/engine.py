@@ -51,6 +51,7 @@ from lorafleet.serving.machine_defaults import Choice, batch_size, engine_dtype
 from lorafleet.serving.model_runner import ModelRunner
 from lorafleet.serving.packed_linear import can_pack, pack_linears
 from lorafleet.serving.prefix_cache import PrefixCache
+from lorafleet.serving.quantized_base import quantize_base
 from lorafleet.serving.request_queue import Delta, EngineStopped, RequestQueue, RequestStream, ServingError, deliver
 from lorafleet.serving.scheduler import Scheduler, Sequence
 
@@ -75,6 +76,7 @@ class CPUEngine:
         self.max_model_len = 0
         self.vocab_size = 0
         self.eos_ids: set[int] = set()
+        self.quantization: str | None = None  # the base's quantization method (int8, int4, ...), None: float
         self._decoder: Any = None
         self._commands: list[tuple[Any, Future]] = []
         self._commands_lock = threading.Lock()
@@ -106,8 +108,9 @@ class CPUEngine:
         self._decoder = load_base_tokenizer(folder)
         self.model = load_base_model_weights(folder, dtype=self.dtype)
         self.model.eval()
+        self.quantization = quantize_base(self.model, folder, self.config.quantization)
         if self.config.packed_weights and can_pack(self.dtype, self.model.device):
-            pack_linears(self.model)
+            pack_linears(self.model)  # what quantization left in float32
         use_decode_attention(self.model)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(limit, self.config.max_model_len or limit)
@@ -142,9 +145,10 @@ class CPUEngine:
     def describe_settings(self) -> str:
         """The settings chosen for this machine, and why (printed at start)."""
         dtype = str(self.dtype).removeprefix("torch.")
+        batch = self.batch_choice.reason if self.batch_choice else "not loaded"
         return (
             f"dtype {dtype} ({self.dtype_choice.reason if self.dtype_choice else 'not loaded'}); "
-            f"max_batch_size {self.max_batch_size} ({self.batch_choice.reason if self.batch_choice else 'not loaded'})"
+            f"max_batch_size {self.max_batch_size} ({batch}); base weights {self.quantization or 'not quantized'}"
         )
 
     @property

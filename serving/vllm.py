@@ -6,7 +6,8 @@
 Flag order is fixed (the Helm chart renders the same argv, in the same order):
 
     vllm serve BASE --host H --port P --enable-lora [--lora-modules NAME=PATH ...] --max-loras N
-        --max-lora-rank R [--max-cpu-loras C] [--served-model-name ID] [--max-model-len L] [--dtype D] [VLLM_ARGS...]
+        --max-lora-rank R [--max-cpu-loras C] [--served-model-name ID] [--max-model-len L] [--dtype D]
+        [--quantization Q] [VLLM_ARGS...]
 
 Facts checked against vLLM 0.33.0's source (vllm/engine/arg_utils.py, vllm/config/lora.py,
 vllm/entrypoints/common/cli_args.py, vllm/envs.py):
@@ -15,6 +16,10 @@ vllm/entrypoints/common/cli_args.py, vllm/envs.py):
   `{"name", "path", "base_model_name"}` (used here when the path holds a ',', which the short form can't carry).
 - `--max-lora-rank` is one of 1, 8, 16, 32, 64, 128, 256, 320, 512 (default 16); `--max-loras` >= 1 (default 1);
   `--max-cpu-loras` >= max-loras (default: max-loras); `--dtype` auto|half|float16|bfloat16|float|float32.
+- `--quantization` is one of vLLM's QuantizationMethods (vllm/model_executor/layers/quantization/__init__.py);
+  for a pre-quantized folder it must equal its config.json `quantization_config.quant_method`
+  (`compressed-tensors` for `lorafleet quantize` folders, whose W4A16 / W8A16 / W8A8 int8 schemes vLLM runs
+  with LoRA enabled). vLLM does not round an unquantized model to int8/int4 itself.
 - `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` exist only with `VLLM_ALLOW_RUNTIME_LORA_UPDATING` set to
   1/true. The API key travels as `VLLM_API_KEY` (read when `--api-key` is absent), so it never shows in `ps` or
   in `--print-command`; vLLM guards /v1/* with it (not /health, not /metrics).
@@ -32,6 +37,8 @@ from lorafleet.errors import LorafleetError
 from lorafleet.serving.config import ServingConfig
 
 VLLM_VERSION = "0.33.0"
+# The --quantization choices of vLLM that load a checkpoint as its config.json describes it.
+VLLM_CHECKPOINT_QUANTIZATIONS = ("compressed-tensors", "gptq", "gptq_marlin", "awq", "awq_marlin", "fp8", "gguf")
 
 
 class VllmNotInstalled(LorafleetError):
@@ -66,7 +73,25 @@ def render_vllm_command(config: ServingConfig) -> list[str]:
         argv += ["--max-model-len", str(config.max_model_len)]
     if config.dtype != "auto":
         argv += ["--dtype", config.dtype]
+    argv += quantization_flags(config, base)
     return argv + list(config.vllm_args)
+
+
+def quantization_flags(config: ServingConfig, base: str) -> list[str]:
+    """`--quantization METHOD` for a quantized base folder readable here; int8/int4 on a float base is an error."""
+    from lorafleet.quantization.checkpoint import folder_quantization
+
+    stored = (folder_quantization(base) or {}).get("quant_method") if os.path.isdir(base) else None
+    if stored is None:
+        if config.quantization in ("int8", "int4"):
+            raise LorafleetError(
+                f"--quantization {config.quantization} with --engine vllm: vLLM serves quantized checkpoints; "
+                f"run `lorafleet quantize {config.base} --method {config.quantization} --out DIR` and serve DIR"
+            )
+        return []
+    if stored not in VLLM_CHECKPOINT_QUANTIZATIONS:
+        raise LorafleetError(f"{base}: quant_method {stored!r} is not one vLLM {VLLM_VERSION} loads")
+    return ["--quantization", stored]
 
 
 def vllm_environment(config: ServingConfig) -> dict[str, str]:

@@ -70,12 +70,12 @@ def merge_run(
     if out_dir.exists() and not overwrite:
         raise MergeError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
     adapter_config = run.adapter_config()
-    method = _method_name(adapter_config)
-    _refuse_unmergeable(run, adapter_config, method)
+    method = method_name(adapter_config)
+    refuse_unmergeable(run, adapter_config, method)
     if run.job.model.quantization != "none":
         print(f"QLoRA run ({run.job.model.quantization}): merging into the unquantized base in {dtype}", flush=True)
     tokenizer = load_tokenizer(run.job.model)
-    merged, checks = _merge_checked(run, dtype, tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"])
+    merged, checks = merge_checked(run, dtype, tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
@@ -103,7 +103,7 @@ def merge_run(
     return summary
 
 
-def _refuse_unmergeable(run: FinishedRun, adapter_config: dict, method: str) -> None:
+def refuse_unmergeable(run: FinishedRun, adapter_config: dict, method: str) -> None:
     from transformers import AutoConfig
 
     from lorafleet.models import resolve_model
@@ -127,7 +127,7 @@ def _refuse_unmergeable(run: FinishedRun, adapter_config: dict, method: str) -> 
         )
 
 
-def _merge_checked(run: FinishedRun, dtype: str, probe):
+def merge_checked(run: FinishedRun, dtype: str, probe):
     """The merged model, and how far its logits are from base + adapter (and base + adapter from the base)."""
     import torch
     from peft import PeftModel
@@ -155,7 +155,7 @@ def _merge_checked(run: FinishedRun, dtype: str, probe):
     return merged, {"max_abs_logit_diff": diff, "adapter_effect": (expected - base_logits).abs().max().item()}
 
 
-def _method_name(adapter_config: dict) -> str:
+def method_name(adapter_config: dict) -> str:
     peft_type = str(adapter_config.get("peft_type") or "unknown").lower()
     return "dora" if peft_type == "lora" and adapter_config.get("use_dora") else peft_type
 

@@ -4,6 +4,7 @@ lorafleet validate configs/tiny.yaml
 lorafleet train configs/demo.yaml
 lorafleet data check data.jsonl --format alpaca
 lorafleet models pull builtin:smollm2-135m-instruct
+lorafleet quantize RUN --method gptq-w4a16 --out DIR
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lorafleet.cli import (
     jobs,
     merge,
     models,
+    quantize,
     registry,
     render,
     serve,
@@ -44,6 +46,7 @@ app.command("train")(train.train)
 app.command("sweep")(sweep.sweep)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
+app.command("quantize")(quantize.quantize)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(registry.app, name="registry")

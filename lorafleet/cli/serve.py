@@ -84,6 +84,7 @@ def serve(
     dtype: str = typer.Option(None, "--dtype", help="Weights' dtype: auto, float32, bfloat16 or float16."),
     max_n: int = typer.Option(None, "--max-n", help="Most choices (n) one request may ask (CPU engine)."),
     log_level: str = typer.Option(None, "--log-level", help="error, warning (no per-request lines), info (default)."),
+    quantization: str = typer.Option(None, "--quantization", help="CPU engine: int8|int4 base weights (at load)."),
     print_command: bool = typer.Option(False, "--print-command", help="vllm engine: print the command and exit."),
     vllm_python: str = typer.Option(
         None, "--vllm-python", help="vllm engine: the Python of a vLLM install (default: see docs/serving.md)."
@@ -108,6 +109,7 @@ def serve(
         "dtype": dtype,
         "max_n": max_n,
         "log_level": log_level,
+        "quantization": quantization,
     }
     settings = serving_settings(config, overrides)
     if settings.engine == "vllm":

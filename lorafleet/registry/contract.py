@@ -15,6 +15,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from lorafleet.quantization.checkpoint import quantized_from
 from lorafleet.registry.checks import adapter_weights_problems, load_adapter_config, safetensors_names
 from lorafleet.registry.layout import RegistryError
 from lorafleet.registry.manifest import (
@@ -155,8 +156,9 @@ def _base_reasons(facts: dict, manifest: dict | None, profile: ServingProfile) -
     same = base == profile.base_model
     if not same and profile.engine == "cpu" and base:
         # The CPU engine loads by folder, so `builtin:x` and the folder it resolves to are the same base.
+        # A `lorafleet quantize` folder of a base serves that base's adapters (in full precision on top).
         left, right = local_base_folder(base), local_base_folder(profile.base_model)
-        same = left is not None and left == right
+        same = left is not None and left in (right, local_base_folder(quantized_from(right)))
     if not same:
         reasons.append(
             f"base model {base!r} differs from the server's {profile.base_model!r}: the adapter's "

@@ -79,6 +79,9 @@ class Manifest(BaseModel):
     sweep: dict[str, Any] | None = Field(
         None, description="The sweep trial it came from: sweep_id, trial, parameters, metric."
     )
+    quantization: dict[str, Any] | None = Field(
+        None, description="A quantized model's method, source, calibration sha256 and eval numbers."
+    )
     history: list[dict[str, Any]] = Field(
         default_factory=list, description="How it was made: trained, composed, published."
     )

@@ -202,6 +202,8 @@ def publish_merged(
         fields |= {k: facts[k] for k in ("base_model", "peft_type", "rank", "target_modules")}
         fields["method"] = f"merged-{facts['method']}"
     fields["base_model_revision"] = run.base_model_revision
+    quantized = quantization_fields(model_dir)
+    fields |= quantized | {"metrics": {**fields.get("metrics", {}), **quantized.get("metrics", {})}}
     fields["base_fingerprint"] = base_fingerprint(model_dir)
     fields["tokenizer_fingerprint"] = tokenizer_fingerprint(model_dir)
     files = [
@@ -215,6 +217,28 @@ def publish_merged(
             check_safetensors(path)
             check_finite_weights(path)
     return _publish_files(registry, "models", name, files, fields, source=model_dir)
+
+
+def quantization_fields(model_dir: Path) -> dict[str, Any]:
+    """A `lorafleet quantize` folder's record: method, source, calibration sha256 and eval numbers."""
+    from lorafleet.quantization.checkpoint import quantization_record
+    from lorafleet.quantization.methods import QuantizationError
+
+    try:
+        record = quantization_record(model_dir)
+        method = str(record["method"]) if record else None
+    except (QuantizationError, KeyError) as exc:
+        raise RegistryError(f"{model_dir}: not a valid quantization record: {exc}") from None
+    if method is None:
+        return {}
+    fields: dict[str, Any] = {"method": f"quantized-{method}", "quantization": record}
+    if record.get("run_id"):
+        fields["run_id"] = record["run_id"]
+    evaluation = record.get("eval") or {}
+    fields["metrics"] = {
+        f"quantized_{key}": float(evaluation[key]) for key in ("perplexity", "perplexity_ratio") if key in evaluation
+    }
+    return fields
 
 
 def publish_run(

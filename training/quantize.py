@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorafleet.quantization.checkpoint import RECORD
+from lorafleet.quantization.checkpoint import RECORD, folder_quantization
 from lorafleet.quantization.methods import QuantizationError, get_method
 from lorafleet.storage import fsync_tree, make_readable, rename_into_place
-from lorafleet.training.quantize_sources import ModelSource, calibration_data, resolve_source
+from lorafleet.training.model_sources import ModelSource, calibration_data, resolve_source
 
 EVAL_EXAMPLES = 32
 
@@ -65,6 +65,8 @@ def quantize_model(reference: str, settings: QuantizeSettings) -> QuantizeSummar
     if out_dir.exists() and not settings.overwrite:
         raise QuantizationError(f"{out_dir} already exists: pass --overwrite to replace it, or choose another --out")
     source = resolve_source(reference, settings.storage)
+    if folder_quantization(source.folder) and not source.merge_run:
+        raise QuantizationError(f"{reference} is already quantized: quantize its full-precision model instead")
     tokenizer = load_base_tokenizer(source.folder)
     calibration = None
     if method.needs_calibration or settings.calibration:

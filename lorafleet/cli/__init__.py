@@ -5,6 +5,7 @@ lorafleet train configs/demo.yaml
 lorafleet data check data.jsonl --format alpaca
 lorafleet models pull builtin:smollm2-135m-instruct
 lorafleet quantize RUN --method gptq-w4a16 --out DIR
+lorafleet export RUN --format gguf --out price.gguf
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from lorafleet.cli import (
     data,
     demo,
     evaluate,
+    export,
     jobs,
     merge,
     models,
@@ -47,6 +49,7 @@ app.command("sweep")(sweep.sweep)
 app.command("eval")(evaluate.evaluate)
 app.command("merge")(merge.merge)
 app.command("quantize")(quantize.quantize)
+app.command("export")(export.export)
 app.add_typer(data.app, name="data")
 app.add_typer(models.app, name="models")
 app.add_typer(registry.app, name="registry")

@@ -1,10 +1,10 @@
-"""What `lorafleet quantize` reads: the model to quantize, and the calibration rows GPTQ sees.
+"""What `lorafleet quantize` and `lorafleet export` read: the model, and the calibration rows GPTQ sees.
 
 MODEL is one of:
 - `registry:NAME[@VER]`: a merged model published with `publish --merged` (its run, when still in storage,
   is the default calibration source);
 - a run (id under <storage>/runs/, or its folder): its adapter merged into its base in float32, in memory;
-- a model folder, a `builtin:` model or a hub id: quantized as it is.
+- a model folder, a `builtin:` model or a hub id: taken as it is.
 Calibration (`--calibration FILE|RUN`): a run's own training examples (rendered as in training), or a JSONL
 file in one of the data formats (alpaca, chat, completion, text; `--calibration-format`, else detected).
 """
@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from lorafleet.errors import LorafleetError
-from lorafleet.quantization.checkpoint import folder_quantization
 from lorafleet.quantization.methods import QuantizationError
 from lorafleet.runs import FinishedRun, open_run
 
@@ -59,8 +58,6 @@ def resolve_source(reference: str, storage: str | None) -> ModelSource:
         source = ModelSource(reference, resolve_model(reference), facts={"base_model": reference})
     else:
         source = _run_or_hub(reference, storage)
-    if folder_quantization(source.folder) and not source.merge_run:
-        raise QuantizationError(f"{reference} is already quantized: quantize its full-precision model instead")
     return source
 
 
@@ -75,7 +72,7 @@ def _registry_source(reference: str, storage: str | None) -> ModelSource:
 
 def _run_or_hub(reference: str, storage: str | None) -> ModelSource:
     from lorafleet.models import resolve_model
-    from lorafleet.training.merge import MergeError, method_name, refuse_unmergeable
+    from lorafleet.training.merge import method_name, refuse_unmergeable
 
     try:
         run = open_run(reference, storage)
@@ -84,10 +81,7 @@ def _run_or_hub(reference: str, storage: str | None) -> ModelSource:
             raise
         return ModelSource(reference, resolve_model(reference), facts={"base_model": reference})  # a hub id
     adapter_config = run.adapter_config()
-    try:
-        refuse_unmergeable(run, adapter_config, method_name(adapter_config))
-    except MergeError as exc:
-        raise QuantizationError(f"cannot quantize the merge of {reference}: {exc}") from None
+    refuse_unmergeable(run, adapter_config, method_name(adapter_config))  # MergeError: prefix tuning, ...
     folder = resolve_model(run.job.model.name_or_path)
     return ModelSource(reference, folder, run=run, merge_run=True, facts={"run_id": run.run_id})
 

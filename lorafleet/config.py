@@ -183,6 +183,10 @@ class StorageSection(Section):
 BaselineName = Literal["median", "tfidf_ridge", "majority", "tfidf_logreg", "most_common"]
 
 
+# `eval.compare` / `lorafleet eval --compare`: fp32 and the methods of lorafleet.quantization (kept equal by a test)
+CompareVariant = Literal["fp32", "int8", "int4", "gptq-w4a16", "w8a8"]
+
+
 class EvalSection(Section):
     split: Literal["val", "test"] = Field(
         "val", description="`val`: data.eval, else train's seeded val_split holdout; `test`: train's test file."
@@ -212,6 +216,12 @@ class EvalSection(Section):
         description="Baselines fitted on the run's training rows and scored beside the models (those that apply "
         "to the task: median, tfidf_ridge for numeric; majority, tfidf_logreg for classification; most_common "
         "for text). []: none.",
+    )
+    compare: list[CompareVariant] = Field(
+        default_factory=list,
+        description="Quantized variants of the merged run to compare (`lorafleet eval --compare`): perplexity, "
+        "task metric, CPU-engine prefill/decode tokens/s, memory and file size in report/quantization.md. "
+        "[]: the usual base vs fine-tuned eval.",
     )
 
 

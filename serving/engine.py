@@ -51,7 +51,7 @@ from lorafleet.serving.machine_defaults import Choice, batch_size, engine_dtype
 from lorafleet.serving.model_runner import ModelRunner
 from lorafleet.serving.packed_linear import can_pack, pack_linears
 from lorafleet.serving.prefix_cache import PrefixCache
-from lorafleet.serving.quantized_base import quantize_base
+from lorafleet.serving.quantized_base import quantize_base, weight_bytes
 from lorafleet.serving.request_queue import Delta, EngineStopped, RequestQueue, RequestStream, ServingError, deliver
 from lorafleet.serving.scheduler import Scheduler, Sequence
 
@@ -77,6 +77,7 @@ class CPUEngine:
         self.vocab_size = 0
         self.eos_ids: set[int] = set()
         self.quantization: str | None = None  # the base's quantization method (int8, int4, ...), None: float
+        self.weights_mb = 0.0  # the base's weights as served (packed copies and int8 layers included)
         self._decoder: Any = None
         self._commands: list[tuple[Any, Future]] = []
         self._commands_lock = threading.Lock()
@@ -111,6 +112,7 @@ class CPUEngine:
         self.quantization = quantize_base(self.model, folder, self.config.quantization)
         if self.config.packed_weights and can_pack(self.dtype, self.model.device):
             pack_linears(self.model)  # what quantization left in float32
+        self.weights_mb = weight_bytes(self.model) / 1e6
         use_decode_attention(self.model)
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(limit, self.config.max_model_len or limit)
@@ -148,7 +150,8 @@ class CPUEngine:
         batch = self.batch_choice.reason if self.batch_choice else "not loaded"
         return (
             f"dtype {dtype} ({self.dtype_choice.reason if self.dtype_choice else 'not loaded'}); "
-            f"max_batch_size {self.max_batch_size} ({batch}); base weights {self.quantization or 'not quantized'}"
+            f"max_batch_size {self.max_batch_size} ({batch}); base weights {self.quantization or 'not quantized'} "
+            f"({self.weights_mb:.0f} MB)"
         )
 
     @property

@@ -48,6 +48,13 @@ def _current(packed: _Packed, weight: torch.Tensor) -> bool:
     return weight.data_ptr() == packed.source and weight._version == packed.version
 
 
+def packed_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by the packed copies of `model`'s linear weights (beside the dense weights themselves)."""
+    return sum(
+        module.weight.numel() * module.weight.element_size() for module in model.modules() if module in _PACKED
+    )
+
+
 def can_pack(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
     """Packing pays where oneDNN runs the matmul: float32 weights on the CPU, or bfloat16 where oneDNN has it
     (one thread, 16 rows, 576 x 1536: bf16 252 us → 186 us packed, vs fp32 482 → 328 us)."""

@@ -24,8 +24,17 @@ METHOD_KNOBS = {  # each adapter section takes only its own method's knobs
 }
 
 
-def make_run(storage: Path, method: str, *, quantization: str = "none") -> Path:
-    """A run folder as the launcher leaves it, with a randomly initialised (so non-identity) adapter."""
+def make_run(
+    storage: Path,
+    method: str,
+    *,
+    quantization: str = "none",
+    base: str = "builtin:tiny-llama",
+    data: dict | None = None,
+    random_adapter: bool = True,
+) -> Path:
+    """A run folder as the launcher leaves it, with a randomly initialised (so non-identity) adapter unless
+    `random_adapter` is False (LoRA's own init: B = 0, the base's outputs)."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -36,9 +45,9 @@ def make_run(storage: Path, method: str, *, quantization: str = "none") -> Path:
     job = JobConfig.model_validate(
         {
             "name": f"merge-{method.replace('_', '-')}",
-            "model": {"name_or_path": "builtin:tiny-llama", "quantization": quantization},
+            "model": {"name_or_path": base, "quantization": quantization},
             "adapter": {"method": method, **METHOD_KNOBS.get(method, {})},
-            "data": {"train": "builtin:price"},
+            "data": data or {"train": "builtin:price"},
             "distributed": {"num_workers": 1, "use_gpu": quantization != "none"},
             "storage": {"uri": str(storage)},
         }
@@ -46,7 +55,7 @@ def make_run(storage: Path, method: str, *, quantization: str = "none") -> Path:
     run_dir = storage / "runs" / f"{job.name}-{quantization}"
     base = AutoModelForCausalLM.from_pretrained(resolve_model(job.model.name_or_path))
     config = PEFT_CONFIG_BUILDERS[method](job.adapter, base)
-    if method in ("lora", "dora"):
+    if method in ("lora", "dora") and random_adapter:
         config.init_lora_weights = False  # random B: the adapter changes the output
     if method == "ia3":
         config.init_ia3_weights = False

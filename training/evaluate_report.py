@@ -193,7 +193,7 @@ def cell(text: str | None) -> str:
     return text.replace("|", "\\|")
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -202,17 +202,17 @@ def _pyplot():
     return plt
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return buffer.getvalue()
 
 
 def metric_bars(report: dict[str, Any]) -> bytes:
     """One small panel per metric (their scales differ): base and fine-tuned bars."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = [(k, b, t) for k, b, t in compared_metrics(report) if b is not None or t is not None]
     columns = min(4, len(metrics))
     rows = math.ceil(len(metrics) / columns)
@@ -227,12 +227,12 @@ def metric_bars(report: dict[str, Any]) -> bytes:
     for axis in list(axes.flat)[len(metrics) :]:
         axis.set_visible(False)
     figure.suptitle(f"{report['run_id']}: base vs fine-tuned ({report['n']} examples)", fontsize=10)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def price_scatter(rows: list[dict[str, Any]], report: dict[str, Any]) -> bytes:
     """Predicted vs true, log-log, for base, fine-tuned and each baseline; the ±20% band; unparseable counted."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(report.get("baselines") or {})
     beside = report.get("beside")
     count = 2 + bool(beside) + len(names)
@@ -282,4 +282,4 @@ def price_scatter(rows: list[dict[str, Any]], report: dict[str, Any]) -> bytes:
     axes[0].set_ylabel("predicted")
     axes[0].legend(fontsize=8, loc="upper left")
     figure.suptitle(f"{report['run_id']}: predicted vs true ({report['n']} examples)", fontsize=10)
-    return _png(figure)
+    return png_bytes(figure)

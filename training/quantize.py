@@ -5,7 +5,7 @@
     lorafleet quantize builtin:smollm2-135m-instruct --method int4 --out base-int4
     lorafleet publish /models/price-w4a16 --name price-w4a16 --merged
 
-One linear story: resolve MODEL (quantize_sources.py) → calibration rows if the method needs them (GPTQ) →
+One linear story: resolve MODEL (model_sources.py) → calibration rows if the method needs them (GPTQ) →
 the model in float32 → integers and scales per Linear layer (lorafleet.quantization) → perplexity of the
 source and of the quantized weights on held-out rows when a run is known → the compressed-tensors folder,
 written under a temporary name and renamed into place, with `lorafleet-quantization.json` (method, source,

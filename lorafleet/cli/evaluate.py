@@ -35,6 +35,9 @@ def evaluate(
     aggregate: str = typer.Option(
         None, "--aggregate", help="Sampled decoding: median | geometric_mean | mean (numbers), majority (labels)."
     ),
+    compare: str = typer.Option(
+        None, "--compare", help="fp32,int8,int4,gptq-w4a16,w8a8: the merged run quantized each way, side by side."
+    ),
 ) -> None:
     """Compare the base model and the fine-tuned adapter: loss, perplexity, task metrics, plots."""
     from lorafleet.cli.eval_answers import EngineAnswersForEval
@@ -56,6 +59,9 @@ def evaluate(
         seed=seed,
         aggregate=aggregate,
     )
+    if compare or settings.compare:
+        _compare(folder, settings, compare or settings.compare)
+        return
     engine_answers = EngineAnswersForEval()
     try:
         outcome = evaluate_run(folder, settings, device=device, engine_answers=engine_answers)
@@ -64,3 +70,19 @@ def evaluate(
     push_run_part(folder.path, REPORT_DIR)
     typer.echo("\n".join(summary_lines(outcome.report)))
     typer.echo(f"report {folder.report_dir / 'eval.md'}")
+
+
+def _compare(folder, settings, variants) -> None:
+    from lorafleet.cli.quantization_probe import measure_in_child
+    from lorafleet.runs import REPORT_DIR, push_run_part
+    from lorafleet.training.evaluate_quantization import compare_quantizations, parse_variants, write_comparison
+
+    report = compare_quantizations(folder, settings, parse_variants(variants), measure_in_child)
+    files = write_comparison(folder.report_dir, report)
+    push_run_part(folder.path, REPORT_DIR)
+    for name, row in report["variants"].items():
+        typer.echo(
+            f"{name:>11}: perplexity {row['perplexity']:.4g} ({row['perplexity_ratio']:.4f}x), decode "
+            f"{row['decode_tokens_per_s']:.1f} tok/s ({row['decode_speedup']:.2f}x), weights {row['weights_mb']:.1f} MB"
+        )
+    typer.echo(f"report {files[1]}")

@@ -1,15 +1,18 @@
-"""The CPU engine's quantized matmul: int8 weights in fbgemm's packed layout, activations quantized on the fly.
+"""The CPU engine's quantized matmul: int8 weights per output channel, activations quantized per token on the fly.
 
     quantize_linears(model, get_method("int8"))      # every nn.Linear of the base model, in place
 
-Why this kernel (measured on this 2-core AVX2 machine, 16 rows, ms per call; docs/quantization.md has the
-table): fbgemm's dynamic int8 linear (`torch.ops.quantized.linear_dynamic`) 0.48 on a 576 x 1536 projection
-and 13 on SmolLM2's LM head, against 0.53 and 18 for float32 in oneDNN's packed layout; torchao's int8
-weight-only linear 1.25, and the int4 kernels of torch and torchao 35x slower than float32. So every method
-runs on this kernel here: int8 and w8a8 weights as they are (exactly); int4 / GPTQ weights are rounded once
-more, per output channel, to int8 (that rounding error is at most 1/16 of the int4 step; the 4-bit files are
-what vLLM serves). fbgemm quantizes each call's activations to 8 bits (per tensor, 7-bit range on AVX2), which
-is w8a8's arithmetic; the perplexity cost is measured, not assumed (tests, `lorafleet eval --compare`).
+Each call rounds every row (token) of its input to int8 with that row's own scale (absmax / 127), multiplies
+int8 by int8 into int32 (`torch._int_mm`, oneDNN's u8s8 kernels) and scales the result by row scale x channel
+scale: W8A8 with dynamic per-token activations, the arithmetic of vLLM's w8a8 int8 scheme. Measured here
+(16 rows, 2 threads, µs per call; docs/quantization.md has the table): 576 x 1536 projection 50 against 187
+for float32 packed by oneDNN and 99 for bf16; the 49152-wide LM head 2400 against 5700 and 2800.
+
+Why not fbgemm's dynamic linear (`quantized.linear_dynamic`, as fast): it quantizes activations per tensor with
+a 7-bit range, and SmolLM2's activations have outlier channels: int8 perplexity went 18.4 -> 62.6 (3.4x). Per
+token it stays within 1%. Every method runs on this kernel: int8 and w8a8 weights as they are (exactly); int4 /
+GPTQ weights are rounded once more, per output channel, to int8 (at most 1/16 of the int4 step; the 4-bit
+files are what vLLM serves).
 
 A layer stays a `torch.nn.Linear` (its class is switched to `Int8Linear`), so PEFT wraps it like any other
 Linear and LoRA adapters run in full precision on top. Its float `weight` is gone; reading `.weight` gives the
@@ -17,8 +20,6 @@ dequantized matrix (PEFT's DoRA norms, shape checks) computed on demand.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 
@@ -29,55 +30,38 @@ INT8 = QuantMethod("int8", 8, None)
 
 
 class Int8Linear(torch.nn.Linear):
-    """A Linear whose weight is int8 (per output channel) in fbgemm's packed form; forward in int8."""
+    """A Linear whose weight is int8 with one scale per output channel; forward in int8 with per-token scales."""
 
-    _packed: torch.Tensor  # fbgemm's LinearPackedParams (script object)
+    _ints_t: torch.Tensor  # int8 [in, out]: the transposed view `_int_mm` takes as its right operand
+    _scales: torch.Tensor  # float32 [out]
 
     @property
     def weight(self) -> torch.Tensor:  # type: ignore[override]
-        qweight, _ = torch.ops.quantized.linear_unpack(self._packed)
-        return qweight.dequantize()
+        return self._ints_t.t().float() * self._scales[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
-        out = torch.ops.quantized.linear_dynamic(flat, self._packed, True)  # True: reduce_range, needed on AVX2
+        row_scales = (flat.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
+        ints = (flat / row_scales).round_().to(torch.int8)
+        out = torch._int_mm(ints, self._ints_t).to(torch.float32).mul_(row_scales).mul_(self._scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1]).to(x.dtype)
 
     def weight_bytes(self) -> int:
-        return self.in_features * self.out_features + 8 * self.out_features  # int8 values, fp32 scale + zero
-
-
-def pack_int8(quantized: QuantizedWeight) -> torch.Tensor:
-    """fbgemm's packed params for per-channel int8 weights (`quantized` has one scale per row)."""
-    if quantized.scales.shape[1] != 1:
-        quantized = requantize_per_channel(quantized)
-    scales = quantized.scales[:, 0].double()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's notice that quantized tensors are deprecated
-        qweight = torch._make_per_channel_quantized_tensor(
-            quantized.ints, scales, torch.zeros_like(scales, dtype=torch.long), 0
-        )
-        return torch.ops.quantized.linear_prepack(qweight, None)
-
-
-def requantize_per_channel(quantized: QuantizedWeight) -> QuantizedWeight:
-    """Group-scaled (int4) weights as int8 with one scale per output row (see the module docstring)."""
-    return round_to_nearest(quantized.dequantize(), INT8)
+        return self._ints_t.numel() + 4 * self._scales.numel()
 
 
 def to_int8_linear(module: torch.nn.Linear, quantized: QuantizedWeight) -> Int8Linear:
-    """Switch `module` to `Int8Linear` in place, holding `quantized` instead of its float weight."""
-    packed = pack_int8(quantized)
+    """Switch `module` to `Int8Linear` in place, holding `quantized` (rounded per output row first if it has
+    several scales a row) instead of its float weight."""
+    if quantized.scales.shape[1] != 1:
+        quantized = round_to_nearest(quantized.dequantize(), INT8)
     del module._parameters["weight"]
     module.__class__ = Int8Linear
-    module._packed = packed
+    module._ints_t = quantized.ints.t()
+    module._scales = quantized.scales[:, 0].contiguous()
     return module
-
-
-def int8_available() -> bool:
-    return "fbgemm" in torch.backends.quantized.supported_engines
 
 
 def quantized_linears(model: torch.nn.Module) -> list[Int8Linear]:

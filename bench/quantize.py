@@ -39,7 +39,7 @@ VARIANTS = {  # name -> lorafleet serve arguments (int4-folder's --base is fille
     "int4": ["--dtype", "float32", "--quantization", "int4"],
     "int4-folder": ["--dtype", "float32"],
 }
-WEIGHTS = re.compile(r"base weights (\S+) \((\d+) MB\)")
+WEIGHTS = re.compile(r"base weights (.+?) \(([\d.]+) MB\)")
 
 
 def parse_args() -> argparse.Namespace:
@@ -109,7 +109,7 @@ def main() -> None:
           f"{'RSS MB':>7} {'peak RSS MB':>12} {'vs fp32':>8}")  # fmt: skip
     for name, row in rows.items():
         print(
-            f"{name:<12} {row['decode']:12.1f} {row['decode'] / reference['decode']:7.2f}x {row['weights']:11.0f} "
+            f"{name:<12} {row['decode']:12.1f} {row['decode'] / reference['decode']:7.2f}x {row['weights']:11.1f} "
             f"{row['weights'] / reference['weights']:7.2f}x {row['rss']:7.0f} {row['peak']:12.0f} "
             f"{row['peak'] / reference['peak']:7.2f}x"
         )

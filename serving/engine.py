@@ -151,7 +151,7 @@ class CPUEngine:
         return (
             f"dtype {dtype} ({self.dtype_choice.reason if self.dtype_choice else 'not loaded'}); "
             f"max_batch_size {self.max_batch_size} ({batch}); base weights {self.quantization or 'not quantized'} "
-            f"({self.weights_mb:.0f} MB)"
+            f"({self.weights_mb:.1f} MB)"
         )
 
     @property

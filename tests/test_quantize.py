@@ -5,8 +5,8 @@ with `--quantization int8|int4`, with LoRA adapters in full precision on top. St
 the float32 base (measured values in the test docstrings):
 - 8-bit (int8, w8a8): largest logit gap below EIGHT_BIT_MAX_GAP, the same top-1 token at every step;
 - 4-bit (int4, gptq-w4a16): perplexity of the quantized model within FOUR_BIT_MAX_PPL_RATIO of the float one (a
-  random tiny model's logits are near-ties, so top-1 agreement says little there; SmolLM2's slow test in
-  tests/test_quantize_smollm2.py holds 4-bit to 10% perplexity on real text);
+  random tiny model's logits are near-ties, so top-1 agreement says little there; on real text SmolLM2's slow
+  test in tests/test_quantize_report.py measures each method's perplexity);
 - every method: the engine reproduces the quantized model itself (PEFT on the folder loaded dense) to
   KERNEL_MAX_GAP, the cost of its int8 matmul kernel.
 """
@@ -233,3 +233,4 @@ def test_refusals_are_clear(tmp_path, quantized) -> None:
         result = run_cli("quantize", model, "--method", method, "--out", str(tmp_path / case.replace(" ", "-")))
         assert result.returncode == 2 and message in result.stderr, (case, result.stderr)
         assert "Traceback" not in result.stderr and not (tmp_path / case.replace(" ", "-")).exists()
+

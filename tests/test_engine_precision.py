@@ -118,6 +118,11 @@ def test_an_explicit_batch_size_wins_and_bounds_n(tiny_model_dir) -> None:
     engine = start_engine(tiny_model_dir, max_batch_size=3, dtype="float32")
     try:
         assert engine.max_batch_size == engine.scheduler.max_batch_size == 3
-        assert engine.describe_settings() == "dtype float32 (set explicitly); max_batch_size 3 (set explicitly)"
+        weights = sum(p.numel() * p.element_size() for p in engine.model.parameters()) / 1e6
+        assert engine.weights_mb > weights, "the packed copies of the linear weights are counted too"
+        assert engine.describe_settings() == (
+            "dtype float32 (set explicitly); max_batch_size 3 (set explicitly); "
+            f"base weights not quantized ({engine.weights_mb:.1f} MB)"
+        )
     finally:
         engine.shutdown()

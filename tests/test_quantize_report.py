@@ -1,6 +1,7 @@
 """`lorafleet eval RUN --compare ...`: every variant of the merged run measured as the CPU engine serves it, in
-report/quantization.{json,md,png}; and on SmolLM2-135M (slow) the quality bounds the issue states: int8 perplexity
-within 2% of fp32 and int4 within 10% on the demo's eval set, files smaller by the expected ratio.
+report/quantization.{json,md,png}; and on the demo's adapter for SmolLM2-135M (slow) the quality bounds the issue
+states: int8 perplexity within 2% of fp32 and 4-bit within 10% on the demo's eval set, files smaller by the
+expected ratio.
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ import pytest
 from lorafleet.config import CompareVariant, JobConfig
 from lorafleet.errors import ConfigError
 from lorafleet.quantization.methods import METHODS
-from tests.helpers import run_cli
+from tests.helpers import CONFIGS, run_cli
 from tests.test_merge import make_run
-
-DEMO_DATA = {"train": "builtin:price-completion", "eval": "builtin:price-completion/test", "format": "completion"}
 
 
 def test_compare_variants_are_fp32_and_every_method() -> None:
@@ -56,27 +55,32 @@ def test_eval_compare_writes_one_table_and_plot(tmp_path) -> None:
     assert not list(tmp_path.glob("**/lorafleet-compare-*")), "the variants' folders are removed"
 
 
-@pytest.mark.slow  # SmolLM2-135M quantized three times and measured four times: ~2-4 min on 2 cores
-def test_smollm2_quantized_perplexity_on_the_demo_eval_set(tmp_path) -> None:
-    """Measured (48 examples): fp32 18.41; as stored int8 1.012x, int4 (round to nearest) 1.89x, gptq-w4a16
-    1.15x (the issue's 10% for 4 bits is missed: a 135M model is sensitive; docs/quantization.md); the CPU
-    engine's int8 arithmetic (per-token int8 activations, int8 LM head) 1.10x."""
+@pytest.mark.slow  # the demo's price adapter trained for 40 steps (~1.5 min), then four variants (~4-5 min)
+def test_smollm2_demo_adapter_quantized_within_the_stated_perplexity(tmp_path) -> None:
+    """On the demo eval set (64 held-out price rows), the demo's fine-tune merged into SmolLM2-135M and quantized:
+    int8 within 2% of fp32's perplexity and 4-bit within 10%, files smaller by the expected ratio. Measured with
+    the full demo adapter (130 steps): as stored int8 0.9997x, int4 1.034x, gptq-w4a16 1.007x; on the CPU
+    engine's int8 arithmetic 1.005x / 1.033x / 1.017x (docs/quantization.md); with this 40-step one, as stored
+    1.0015x / 1.035x / 1.002x, on the engine 1.007x / 1.044x / 1.003x."""
     from lorafleet.cli.quantization_probe import measure_in_child
     from lorafleet.runs import open_run
     from lorafleet.training.evaluate import resolve_settings
     from lorafleet.training.evaluate_quantization import compare_quantizations
 
-    run_dir = make_run(tmp_path, "lora", base="builtin:smollm2-135m-instruct", data=DEMO_DATA, random_adapter=False)
-    run = open_run(str(run_dir), None)
-    settings = resolve_settings(run.job, max_examples=48, max_new_tokens=8, batch_size=16)
+    storage = tmp_path / "storage"
+    overrides = ["--set", "training.max_steps=40", "--set", f"storage.uri={storage}", "--run-id", "demo-price"]
+    trained = run_cli("train", str(CONFIGS / "demo.yaml"), *overrides, timeout=1200)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run = open_run("demo-price", str(storage))
+    settings = resolve_settings(run.job)  # the demo config's eval section: 64 examples
     rows = compare_quantizations(run, settings, ["fp32", "int8", "int4", "gptq-w4a16"], measure_in_child)["variants"]
     print(
         {name: (row["perplexity_stored_ratio"], row["perplexity_ratio"], row["file_mb"]) for name, row in rows.items()}
     )
-    assert rows["int8"]["perplexity_stored_ratio"] < 1.02
-    assert rows["gptq-w4a16"]["perplexity_stored_ratio"] < 1.20
+    assert rows["int8"]["perplexity_stored_ratio"] < 1.02 and rows["int8"]["perplexity_ratio"] < 1.02
+    for four_bit in ("int4", "gptq-w4a16"):
+        assert rows[four_bit]["perplexity_stored_ratio"] < 1.10 and rows[four_bit]["perplexity_ratio"] < 1.10
     assert rows["gptq-w4a16"]["perplexity_stored"] < rows["int4"]["perplexity_stored"], "GPTQ beats rounding"
-    assert rows["int8"]["perplexity_ratio"] < 1.15
     # fp32 folder: 4 bytes a weight. Quantized: the 30 layers' linears at 1 (int8) or 0.5 (int4) byte plus
     # scales, the tied 49152 x 576 embedding in bf16 (2 bytes).
     embedding, linears = 49152 * 576, 30 * (576 * (576 + 192 + 192 + 576) + 3 * 576 * 1536)

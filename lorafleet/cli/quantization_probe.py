@@ -1,20 +1,19 @@
-"""One model variant measured in a process of its own, as the CPU engine serves it (`eval --compare`'s measure).
+"""One model variant measured as the CPU engine serves it (`eval --compare`'s measure), in fresh processes.
 
-    measure_variant(folder, request)  ->  {"loss", "loss_stored", "answers", "prefill_tokens_per_s",
-                                          "decode_tokens_per_s", "weights_mb", "rss_mb", "peak_rss_mb", ...}
+    measure_in_child(folder, request)  ->  {"loss", "loss_stored", "answers", "prefill_tokens_per_s",
+                                           "decode_tokens_per_s", "weights_mb", "rss_mb", "peak_rss_mb", ...}
 
-The child loads the folder exactly as `lorafleet serve --engine cpu` does: its loss with the stored weights in
-float arithmetic (`loss_stored`: what vLLM's weight-only kernels compute), then on the int8 kernels the CPU
-engine runs (`loss`: per-token int8 activations too); then it serves it: greedy answers to the eval prompts,
-the prefill rate of one long prompt, the decode rate of DECODE_ROWS rows at once. A fresh process per variant
-makes its memory its own (peak: the kernel's high-water mark; the load holds the dequantized float weights for
-a moment).
+A first child loads the folder as `lorafleet serve --engine cpu` does and computes the response loss with the
+stored weights in float arithmetic (`loss_stored`: what vLLM's weight-only kernels compute), then on the int8
+kernels the CPU engine runs (`loss`: per-token int8 activations too). A second child serves it: greedy answers
+to the eval prompts, the prefill rate of one long prompt, the decode rate of DECODE_ROWS rows at once, its
+resident memory and its peak (the kernel's high-water mark, the load included: a base quantized at load holds
+its float weights for a moment).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import resource
 import time
 from typing import Any
@@ -27,14 +26,21 @@ PREFILL_TOKENS = 256
 
 
 def measure_in_child(folder: str, request: ProbeRequest) -> dict[str, Any]:
-    """`measure_variant` in a fresh spawned process (its memory and OpenMP threads its own)."""
+    """The variant's losses, then its serving numbers, each in a fresh spawned process: the engine's speed and
+    memory are its own (no float model loaded before it, no second OpenMP team from torch on the main thread)."""
     import multiprocessing
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_variant, (folder, request))
+    context = multiprocessing.get_context("spawn")
+    result: dict[str, Any] = {}
+    for measure in (measure_losses, serve_and_time):
+        with context.Pool(1) as pool:
+            result |= pool.apply(measure, (folder, request))
+    return result
 
 
-def measure_variant(folder: str, request: ProbeRequest) -> dict[str, Any]:
+def measure_losses(folder: str, request: ProbeRequest) -> dict[str, Any]:
+    """The response loss with the stored weights in float arithmetic (what vLLM's weight-only kernels compute),
+    then on the int8 kernels the CPU engine runs."""
     import torch
 
     from lorafleet.model_loading import load_base_model_weights
@@ -44,19 +50,16 @@ def measure_variant(folder: str, request: ProbeRequest) -> dict[str, Any]:
     if request.threads:
         torch.set_num_threads(request.threads)
     model = load_base_model_weights(folder, dtype=torch.float32).eval()
-    # the stored weights in float arithmetic (what vLLM's weight-only kernels compute), then the engine's int8
     stored, _ = response_loss(model, request.examples, request.batch_size, request.pad_id, "as stored")
     method = quantize_base(model, folder, None)
     loss = stored
     if method is not None:
         loss, _ = response_loss(model, request.examples, request.batch_size, request.pad_id, f"{method} kernels")
-    del model
-    gc.collect()
-    result = {"loss": loss, "loss_stored": stored, "quantization": method}
-    return result | _serve_and_time(folder, request)
+    return {"loss": loss, "loss_stored": stored, "quantization": method}
 
 
-def _serve_and_time(folder: str, request: ProbeRequest) -> dict[str, Any]:
+def serve_and_time(folder: str, request: ProbeRequest) -> dict[str, Any]:
+    """Greedy answers to the eval prompts, prefill and decode rates, memory: as `lorafleet serve` runs it."""
     from lorafleet.serving.config import ServingConfig
     from lorafleet.serving.engine import CPUEngine
 

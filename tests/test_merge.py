@@ -118,6 +118,7 @@ def test_bf16_merge_via_cli_is_sharded_and_within_bf16_tolerance(tmp_path: Path)
     result = run_cli("merge", str(run_dir), "--out", str(out), "--dtype", "bf16", "--max-shard-size", "100KB")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "merged lora adapter" in result.stdout, result.stdout
+    assert "Setting accelerator" not in result.stdout + result.stderr, "DeepSpeed's import notice stays quiet"
     assert len(list(out.glob("*.safetensors"))) > 1 and (out / "model.safetensors.index.json").is_file()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     expected_bf16, _ = reference_logits(run_dir, torch.bfloat16)

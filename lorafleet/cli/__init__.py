@@ -84,8 +84,9 @@ def main() -> None:
 
 def quiet_libraries() -> None:
     """Keep the console to lorafleet's own lines: the libraries' deprecation notices (FutureWarning),
-    bitsandbytes' note that an optional CPU kernel package is absent (logged at import, by every command) and
-    transformers' per-load "Loading weights" bars are not the user's concern. Errors still show."""
+    bitsandbytes' note that an optional CPU kernel package is absent (logged at import, by every command),
+    DeepSpeed's notices and transformers' per-load "Loading weights" bars are not the user's concern. Errors
+    still show."""
     import logging
     import os
     import warnings
@@ -94,3 +95,6 @@ def quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft|trl|accelerate|torch)(\.|$)")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # DeepSpeed sets its logger's level when imported (by merges, through PEFT) and notes "Setting accelerator to
+    # CPU" at once; a filter outlasts that setLevel
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)

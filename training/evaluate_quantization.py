@@ -169,19 +169,31 @@ def comparison_markdown(report: dict[str, Any]) -> str:
 
 
 def comparison_plot(report: dict[str, Any]) -> bytes:
+    """One small panel per measure (their scales differ), the variants side by side, fp32 in grey."""
     from lorafleet.training.evaluate_report import png_bytes, pyplot
 
     plt = pyplot()
-    panels = [("perplexity", "perplexity"), ("decode_tokens_per_s", "decode tokens/s"), ("weights_mb", "weights MB")]
+    panels = [
+        ("perplexity", "perplexity (CPU engine)"),
+        ("prefill_tokens_per_s", "prefill tokens/s"),
+        ("decode_tokens_per_s", "decode tokens/s"),
+        ("weights_mb", "weights in memory, MB"),
+        ("peak_rss_mb", "peak RSS, MB"),
+        ("file_mb", "files, MB"),
+    ]
     if report["task_metric"]:
         panels.insert(1, ("task_metric", report["task_metric"]))
     names = list(report["variants"])
-    figure, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.0), squeeze=False)
-    for axis, (key, title) in zip(axes[0], panels, strict=True):
+    columns = 4
+    rows = math.ceil(len(panels) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.9 * rows), squeeze=False)
+    for axis, (key, title) in zip(axes.flat, panels, strict=False):
         values = [report["variants"][name].get(key) or 0.0 for name in names]
         bars = axis.bar(names, values, color=["#9aa5b1", *["#2f6fdf"] * (len(names) - 1)])
-        axis.bar_label(bars, labels=[f"{value:.3g}" for value in values], fontsize=7)
+        axis.bar_label(bars, labels=[f"{value:.4g}" for value in values], fontsize=7)
         axis.set_title(title, fontsize=9)
         axis.tick_params(labelsize=7, axis="x", rotation=30)
+    for axis in list(axes.flat)[len(panels) :]:
+        axis.set_visible(False)
     figure.suptitle(f"{report['run_id']}: quantized variants ({report['n']} examples)", fontsize=10)
     return png_bytes(figure)

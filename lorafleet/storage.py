@@ -8,9 +8,11 @@ atomic by themselves; folders there are committed by writing their marker file l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,24 +152,32 @@ def rename_into_place(staging: Path, target: Path) -> None:
     fsync_dir(target.parent)
 
 
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A temporary folder beside `target` to write into. When the block ends normally it is made readable,
+    fsynced and renamed into place (`rename_into_place`); on an error it is removed and `target` is untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        make_readable(staging)
+        fsync_tree(staging)
+        rename_into_place(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def install_dir_atomic(source: Path, target: Path, *, replace: bool = False) -> None:
     """Copy folder `source` to `target` under a temporary name, fsync it, then rename it into place.
 
     With `replace`, an existing `target` is swapped out (moved aside, then removed) after the new copy is
     complete, so `target` always names a whole folder.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         shutil.copytree(source, staging, dirs_exist_ok=True)
-        make_readable(staging)
-        fsync_tree(staging)
         if target.exists() and not replace:
             raise FileExistsError(f"{target} already exists")
-        rename_into_place(staging, target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def upload_dir(source: Path, target_uri: str) -> None:

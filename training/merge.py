@@ -16,8 +16,6 @@ Before saving, the merged model is checked against base + adapter on a probe pro
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ import yaml
 
 from lorafleet.errors import LorafleetError
 from lorafleet.runs import FinishedRun, data_hash
-from lorafleet.storage import fsync_tree, make_readable, rename_into_place
+from lorafleet.storage import staged_folder
 
 MERGE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 UNMERGEABLE_PEFT_TYPES = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT")
@@ -77,9 +75,7 @@ def merge_run(
     tokenizer = load_tokenizer(run.job.model)
     merged, checks = merge_checked(run, dtype, tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"])
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         merged.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
         if not (staging / "generation_config.json").is_file() and merged.generation_config is not None:
             merged.generation_config.save_pretrained(staging)
@@ -94,12 +90,6 @@ def merge_run(
             seconds=round(time.monotonic() - started, 1),
         )
         (staging / "README.md").write_text(model_card(run, adapter_config, summary))
-        make_readable(staging)
-        fsync_tree(staging)
-        rename_into_place(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return summary
 
 

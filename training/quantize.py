@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from typing import Any
 
 from lorafleet.quantization.checkpoint import RECORD, folder_quantization
 from lorafleet.quantization.methods import QuantizationError, get_method
-from lorafleet.storage import fsync_tree, make_readable, rename_into_place
+from lorafleet.storage import staged_folder
 from lorafleet.training.model_sources import ModelSource, calibration_data, resolve_source
 
 EVAL_EXAMPLES = 32
@@ -164,9 +162,7 @@ def _eval_facts(before: float | None, after: float | None, n: int) -> dict[str, 
 def _write_folder(model, weights, group, method, tokenizer, record, out_dir: Path, settings: QuantizeSettings) -> int:
     from lorafleet.quantization.checkpoint import save_quantized
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with staged_folder(out_dir) as staging:
         save_quantized(model, weights, method, group, staging, settings.dtype)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(staging)
@@ -174,11 +170,5 @@ def _write_folder(model, weights, group, method, tokenizer, record, out_dir: Pat
         size = sum(path.stat().st_size for path in staging.glob("*.safetensors"))
         record["size_bytes"] = size
         (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        make_readable(staging)
-        fsync_tree(staging)
-        rename_into_place(staging, out_dir)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote {out_dir}", file=sys.stderr, flush=True)
     return size
